@@ -1,0 +1,170 @@
+"""Settings per role, read from ``NEWSREC_*`` environment variables (or a ``.env`` file).
+
+Frozen, validated at start-up: a bad value stops the process with a message that names
+the variable and how to fix it (see :func:`load`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_HOST_PORT = re.compile(r"^[\w.\-\[\]:]+:\d{1,5}$")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message says which variable and how to fix it."""
+
+
+class CommonSettings(BaseSettings):
+    """What every role needs: where the broker, the topics and the search index are."""
+
+    model_config = SettingsConfigDict(env_prefix="NEWSREC_", frozen=True, extra="ignore", env_file=".env")
+
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    # "local" works around the Tansu broker's end-offset bug (one-record batches);
+    # "kafka" is for Apache Kafka and is the production profile.
+    broker_profile: Literal["local", "kafka"] = "local"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_location: Path | None = None
+
+    topic_events: str = "user-events"
+    topic_news: str = "news-articles"
+    topic_recommendations: str = "recommendations"
+    topic_dlq: str = "user-events-dlq"
+    topic_model_updates: str = "model-updates"
+    topic_partitions: int = Field(default=4, ge=1, le=1024)
+
+    search_engine: Literal["auto", "embedded", "elasticsearch"] = "auto"
+    es_url: str | None = None
+    es_alias: str = "news"
+    es_api_key: SecretStr | None = None
+    es_ca_certs: Path | None = None
+
+    state_dir: Path = Path(".newsrec")
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, value: str) -> str:
+        hosts = [h.strip() for h in value.split(",") if h.strip()]
+        if not hosts or not all(_HOST_PORT.match(h) for h in hosts):
+            raise ValueError("expected comma-separated host:port pairs, e.g. 127.0.0.1:9092")
+        return ",".join(hosts)
+
+    @field_validator("es_url")
+    @classmethod
+    def _es_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("expected an http(s) URL such as http://127.0.0.1:9200")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CommonSettings:
+        if self.search_engine == "elasticsearch" and not self.es_url:
+            raise ValueError("search_engine=elasticsearch needs NEWSREC_ES_URL")
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                "SASL needs NEWSREC_KAFKA_SASL_MECHANISM, NEWSREC_KAFKA_SASL_USERNAME and NEWSREC_KAFKA_SASL_PASSWORD"
+            )
+        return self
+
+    @property
+    def engine(self) -> Literal["embedded", "elasticsearch"]:
+        if self.search_engine == "auto":
+            return "elasticsearch" if self.es_url else "embedded"
+        return self.search_engine
+
+    def kafka_config(self) -> dict[str, Any]:
+        """librdkafka (confluent-kafka) client settings shared by producers and consumers."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap,
+            "security.protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism:
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+            conf["sasl.username"] = self.kafka_sasl_username
+            conf["sasl.password"] = self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else ""
+        if self.kafka_ssl_ca_location:
+            conf["ssl.ca.location"] = str(self.kafka_ssl_ca_location)
+        if self.broker_profile == "local":
+            # Tansu reports a wrong end offset for multi-record batches.
+            conf["session.timeout.ms"] = 6000
+        return conf
+
+    def producer_config(self) -> dict[str, Any]:
+        conf = self.kafka_config() | {
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            # murmur2 is what Java clients and faust (aiokafka) use, so every client
+            # puts one user on the same partition as the worker's table shard.
+            "partitioner": "murmur2_random",
+        }
+        conf.pop("session.timeout.ms", None)
+        if self.broker_profile == "local":
+            conf["batch.num.messages"] = 1
+            conf["linger.ms"] = 0
+        return conf
+
+    def es_api_key_value(self) -> str | None:
+        return self.es_api_key.get_secret_value() if self.es_api_key else None
+
+
+class WorkerSettings(CommonSettings):
+    """The recommendation worker (``newsrec worker``)."""
+
+    model_dir: Path | None = None
+    app_id: str = "newsrec-worker"
+    web_port: int = Field(default=6066, ge=1, le=65535)
+    web_host: str = "127.0.0.1"
+
+    window_max_signals: int = Field(default=30, ge=1, le=1_000)
+    window_max_age_s: float = Field(default=7 * 24 * 3600, gt=0)
+    clicked_memory: int = Field(default=200, ge=0, le=10_000)
+    refresh_min_interval_s: float = Field(default=2.0, ge=0)
+    batch_max_users: int = Field(default=32, ge=1, le=1_024)
+    batch_max_wait_ms: float = Field(default=20.0, ge=0)
+    pending_sweep_interval_s: float = Field(default=5.0, gt=0)
+
+    max_queries: int = Field(default=5, ge=1, le=16)
+    max_new_tokens: int = Field(default=48, ge=4, le=512)
+    prompt_signals: int = Field(default=20, ge=1, le=1_000)
+    results_per_query: int = Field(default=10, ge=1, le=100)
+    items_per_user: int = Field(default=10, ge=1, le=100)
+    model_threads: int = Field(default=0, ge=0, le=256)
+
+    @property
+    def refresh_done_topic(self) -> str:
+        return f"{self.app_id}-refresh-done"
+
+    def resolved_model_dir(self) -> Path:
+        return self.model_dir or self.state_dir / "models" / "current"
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load(cls: type[S], **overrides: Any) -> S:
+    """Build settings or raise :class:`ConfigError` naming each bad variable."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_url=False):
+            field = ".".join(str(p) for p in err.get("loc", ()))
+            var = f"NEWSREC_{field.upper()}" if field else "settings"
+            got = err.get("input")
+            shown = "(hidden)" if "password" in field or "key" in field else repr(got)[:80]
+            lines.append(f"{var}: {err.get('msg')} (got {shown})")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
