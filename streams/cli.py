@@ -1,0 +1,175 @@
+"""``newsrec``: one console script, a subcommand per role."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from streams.settings import CommonSettings, ConfigError, WorkerSettings, load
+
+log = logging.getLogger("newsrec")
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from streams.runtime import run_worker
+
+    return run_worker(load(WorkerSettings))
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from index.elastic import ElasticEngine
+    from index.feed import run_indexer
+
+    settings = load(CommonSettings)
+    if not settings.es_url:
+        raise ConfigError("`newsrec index` writes Elasticsearch: set NEWSREC_ES_URL "
+                          "(the embedded engine is fed by each worker itself)")
+
+    async def main() -> int:
+        engine = ElasticEngine(settings.es_url or "", settings.es_alias, api_key=settings.es_api_key_value(),
+                               ca_certs=str(settings.es_ca_certs) if settings.es_ca_certs else None)
+        try:
+            await engine.ensure_index()
+            return await run_indexer(settings.kafka_config(), settings.topic_news, engine,
+                                     idle_exit_s=args.exit_when_idle)
+        finally:
+            await engine.close()
+
+    total = asyncio.run(main())
+    log.info("indexer stopped after %d articles", total)
+    return 0
+
+
+def _cmd_produce(args: argparse.Namespace) -> int:
+    from index.corpus import read_mind_news
+    from streams.producer import NewsrecProducer, ensure_topics, produce_all, read_events_jsonl
+
+    settings = load(CommonSettings)
+    ensure_topics(settings)
+    records = read_events_jsonl(args.file) if args.kind == "events" else read_mind_news(args.file)
+    with NewsrecProducer(settings) as producer:
+        count = produce_all(producer, records)
+    print(f"produced {count} {args.kind} records from {args.file}")
+    return 0
+
+
+def _cmd_topics(args: argparse.Namespace) -> int:
+    from streams.producer import ensure_topics
+
+    settings = load(WorkerSettings)
+    ensure_topics(settings, extra=[settings.refresh_done_topic])
+    print("topics ready")
+    return 0
+
+
+def _cmd_infra(args: argparse.Namespace) -> int:
+    from streams.infra import LocalInfra
+
+    settings = load(CommonSettings)
+    infra = LocalInfra(settings.state_dir / "infra")
+    if args.action == "up":
+        port = int(settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
+        print(f"export NEWSREC_KAFKA_BOOTSTRAP={infra.start_broker(port)}")
+        if args.search or settings.engine == "elasticsearch":
+            es_port = int((settings.es_url or "http://127.0.0.1:19200").rsplit(":", 1)[1])
+            print(f"export NEWSREC_ES_URL={infra.start_search(es_port)}")
+    elif args.action == "down":
+        infra.stop()
+        print("local infrastructure stopped")
+    else:
+        for name, state in infra.status().items():
+            print(f"{name}: {state}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from models.bootstrap import bootstrap
+
+    settings = load(WorkerSettings)
+    out = args.out or settings.resolved_model_dir()
+    manifest = bootstrap(out, cache_dir=args.cache_dir) if args.cache_dir else bootstrap(out)
+    print(f"model {manifest.name} {manifest.version} ready at {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(users=args.users, timeout=args.timeout, model_dir=args.model_dir)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from streams.bench import run_pipeline_bench
+
+    return run_pipeline_bench(events=args.events, users=args.users, engines=args.engines.split(","),
+                              out=args.out, model_dir=args.model_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="newsrec", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("worker", help="run the recommendation worker (Faust)").set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("index", help="consume news-articles into Elasticsearch")
+    p.add_argument("--exit-when-idle", type=float, default=None, metavar="S",
+                   help="stop after S seconds without new articles (batch loads)")
+    p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("produce", help="publish records from a file")
+    p.add_argument("kind", choices=["events", "news"], help="events: JSON lines; news: MIND news.tsv")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=_cmd_produce)
+
+    sub.add_parser("topics", help="create the contract topics").set_defaults(func=_cmd_topics)
+
+    p = sub.add_parser("infra", help="local broker (and Elasticsearch-API server) for development")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--search", action="store_true", help="also start the Elasticsearch-API server")
+    p.set_defaults(func=_cmd_infra)
+
+    p = sub.add_parser("models", help="model registry")
+    msub = p.add_subparsers(dest="action", required=True)
+    b = msub.add_parser("bootstrap", help="export SmolLM2-135M-Instruct (zero-shot) to ONNX")
+    b.add_argument("--out", type=Path, default=None, help="model dir (default: NEWSREC_MODEL_DIR)")
+    b.add_argument("--cache-dir", type=Path, default=None)
+    b.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("demo", help="local broker + worker + demo news + simulated users")
+    p.add_argument("--users", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=180.0)
+    p.add_argument("--model-dir", type=Path, default=None, help="default: bootstrap SmolLM2 (cached)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="what", required=True)
+    b = bsub.add_parser("pipeline", help="events/s and end-to-end latency on the local stack")
+    b.add_argument("--events", type=int, default=4000)
+    b.add_argument("--users", type=int, default=400)
+    b.add_argument("--engines", default="embedded,elasticsearch")
+    b.add_argument("--model-dir", type=Path, default=None, help="default: a tiny random test model")
+    b.add_argument("--out", type=Path, default=Path("bench-results/pipeline.json"))
+    b.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"newsrec: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Read ``recommendations`` as a feed service would (plain confluent-kafka consumer)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from confluent_kafka import Consumer
+
+from streams.contracts import Recommendation
+
+
+class RecommendationReader:
+    def __init__(self, kafka_config: dict[str, Any], topic: str, *, group_id: str | None = None) -> None:
+        self._consumer = Consumer(kafka_config | {
+            "group.id": group_id or f"newsrec-reader-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest", "enable.auto.commit": True, "session.timeout.ms": 6000})
+        self._consumer.subscribe([topic])
+
+    def poll(self, timeout: float = 0.5) -> Iterator[tuple[Recommendation, float]]:
+        """Recommendations that arrived within ``timeout``, each with its arrival time (monotonic)."""
+        for msg in self._consumer.consume(500, timeout=timeout):
+            if msg.error() is None and msg.value():
+                yield Recommendation.model_validate_json(msg.value()), time.monotonic()
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def __enter__(self) -> RecommendationReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
