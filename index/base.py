@@ -1,0 +1,40 @@
+"""What every news search engine offers, so the recommender can swap them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from streams.contracts import NewsArticle
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    news_id: str
+    title: str
+    score: float
+
+
+class SearchEngine(Protocol):
+    """A full-text news index; ``search_many`` answers a batch of queries in one go."""
+
+    name: str
+
+    async def upsert(self, articles: Sequence[NewsArticle]) -> int:
+        """Insert or replace articles by ``news_id``; returns how many were written."""
+        ...
+
+    async def search_many(
+        self,
+        queries: Sequence[str],
+        *,
+        k: int = 10,
+        exclude: Sequence[Sequence[str]] | None = None,
+    ) -> list[list[Hit]]:
+        """One hit list per query, best first; ``exclude[i]`` = news_ids to leave out of query i."""
+        ...
+
+    async def count(self) -> int: ...
+
+    async def close(self) -> None: ...
