@@ -1,0 +1,131 @@
+"""``newsrec demo``: the whole product on one machine, on embedded defaults.
+
+Starts the local broker, exports (once, cached) the bootstrap model, publishes the demo
+news corpus that ships with the project, runs a worker, streams a few simulated users'
+cross-domain signals and prints their recommendations as they arrive.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from pathlib import Path
+
+from streams.contracts import Recommendation, UserEvent
+from streams.producer import NewsrecProducer, ensure_topics
+from streams.reader import RecommendationReader
+from streams.settings import WorkerSettings, load
+from streams.stack import WorkerProcess, free_port
+
+log = logging.getLogger(__name__)
+
+# (domain, text) per persona, oldest first: searches, visited page titles, app events, clicks.
+PERSONAS: dict[str, list[tuple[str, str]]] = {
+    "ev-driver": [("search", "best electric car battery range 2026"), ("browse", "Charging network map: fast chargers"),
+                  ("app", "opened EV charging app"), ("search", "tesla model price cut"),
+                  ("news_click", "electric vehicles")],
+    "hoops-fan": [("search", "nba standings"), ("browse", "Box score: last night's basketball games"),
+                  ("app", "fantasy basketball lineup set"), ("search", "playoff injury report"),
+                  ("news_click", "basketball")],
+    "home-cook": [("search", "easy weeknight pasta recipe"), ("browse", "Seasonal vegetables guide: autumn"),
+                  ("app", "grocery list: garlic, basil, tomatoes"), ("news_click", "recipe")],
+    "investor": [("search", "interest rates outlook"), ("browse", "Stock market today: indexes close higher"),
+                 ("app", "portfolio tracker: checked retirement account"), ("news_click", "stocks")],
+    "traveller": [("search", "cheap flights to lisbon"), ("browse", "Travel guide: weekend in a European city"),
+                  ("app", "booked hotel"), ("news_click", "travel")],
+    "runner": [("search", "marathon training plan"), ("browse", "How to avoid running injuries"),
+               ("app", "logged 10 km run"), ("news_click", "fitness")],
+}
+
+
+def demo_corpus() -> Path:
+    return Path(str(resources.files("index") / "data" / "demo_news.tsv"))
+
+
+def persona_events(user_id: str, persona: str, corpus_titles: dict[str, str], start: datetime) -> list[UserEvent]:
+    """A persona's events; a click names the first corpus article whose title mentions its keyword."""
+    events = []
+    for i, (domain, text) in enumerate(PERSONAS[persona]):
+        news_id = None
+        if domain == "news_click":
+            news_id = next((nid for nid, t in corpus_titles.items() if text.lower() in t.lower()), None)
+            if news_id is None:
+                continue
+            text = corpus_titles[news_id]
+        events.append(UserEvent(event_id=f"{user_id}-{i}-{uuid.uuid4().hex[:6]}", user_id=user_id,
+                                ts=start + timedelta(minutes=5 * i), domain=domain, text=text, news_id=news_id,
+                                url=None, meta={"source": "demo"}))
+    return events
+
+
+def print_recommendation(rec: Recommendation) -> None:
+    print(f"\n== {rec.user_id}  (model {rec.model_version}, {rec.latency_ms:.0f} ms after its signal)")
+    for q in rec.queries:
+        print(f"   query: {q}")
+    print(f"   {'#':>2}  {'news_id':<8} {'score':>7}  title")
+    for rank, item in enumerate(rec.items[:5], 1):
+        print(f"   {rank:>2}  {item.news_id:<8} {item.score:>7.4f}  {item.title[:70]}")
+
+
+def run_demo(*, users: int = 4, timeout: float = 180.0, model_dir: Path | None = None) -> int:
+    from index.corpus import read_mind_news
+    from streams.infra import LocalInfra
+
+    state = Path(tempfile.mkdtemp(prefix="newsrec-demo-"))
+    infra = LocalInfra(state / "infra")
+    try:
+        bootstrap = infra.start_broker(free_port())
+        env = {"NEWSREC_KAFKA_BOOTSTRAP": bootstrap, "NEWSREC_STATE_DIR": str(state),
+               "NEWSREC_BROKER_PROFILE": "local", "NEWSREC_SEARCH_ENGINE": "embedded",
+               "NEWSREC_REFRESH_MIN_INTERVAL_S": "3"}
+        settings = load(WorkerSettings, kafka_bootstrap=bootstrap, state_dir=state)
+        if model_dir is None:
+            from models.bootstrap import bootstrap as bootstrap_model, default_cache_dir
+
+            model_dir = default_cache_dir() / "models" / "smollm2-bootstrap"
+            print(f"preparing the bootstrap model in {model_dir} (first run: a few minutes)...")
+            bootstrap_model(model_dir)
+        env["NEWSREC_MODEL_DIR"] = str(model_dir)
+
+        ensure_topics(settings, extra=[settings.refresh_done_topic])
+        articles = list(read_mind_news(demo_corpus()))
+        with NewsrecProducer(settings) as producer:
+            for article in articles:
+                producer.send_article(article)
+        print(f"published {len(articles)} demo news articles; starting the worker...")
+
+        titles = {a.news_id: a.title for a in articles}
+        with WorkerProcess(env, state / "worker.log") as worker:
+            worker.wait_ready(documents=len(articles), timeout=timeout)
+            names = list(PERSONAS)
+            start = datetime.now(UTC) - timedelta(hours=1)
+            expected: dict[str, str] = {}
+            with NewsrecProducer(settings) as producer:
+                for n in range(users):
+                    user_id = f"demo-{names[n % len(names)]}-{n}"
+                    events = persona_events(user_id, names[n % len(names)], titles, start)
+                    for ev in events:
+                        producer.send_event(ev)
+                    expected[user_id] = events[-1].event_id
+            print(f"streamed signals of {users} users; recommendations as they arrive:")
+            done: set[str] = set()
+            deadline = time.monotonic() + timeout
+            with RecommendationReader(settings.kafka_config(), settings.topic_recommendations) as reader:
+                while done != set(expected) and time.monotonic() < deadline:
+                    for rec, _ in reader.poll():
+                        print_recommendation(rec)
+                        if expected.get(rec.user_id) == rec.trigger_event_id:
+                            done.add(rec.user_id)
+            missing = set(expected) - done
+            if missing:
+                print(f"\nno up-to-date recommendation within {timeout:.0f}s for: {sorted(missing)}\n"
+                      f"worker log tail:\n{worker.log_tail()}")
+                return 1
+            print(f"\nall {users} users have recommendations covering their latest signal. Shutting down.")
+            return 0
+    finally:
+        infra.stop()
