@@ -191,7 +191,9 @@ class LocalInfra:
         return False
 
     def _forget(self, name: str) -> None:
-        self._children.pop(name, None)
+        child = self._children.pop(name, None)
+        if child is not None:
+            child.poll()  # reap it if another LocalInfra on this state_dir stopped it
         self._file(name, "pid").unlink(missing_ok=True)
         self._file(name, "url").unlink(missing_ok=True)
 
