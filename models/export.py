@@ -1,0 +1,219 @@
+"""Export a HF causal LM to a validated, manifested ONNX model dir.
+
+Pipeline: optimum export (merged decoder with KV cache) into a staging dir next to
+``out_dir`` -> tokenizer files -> parity check against torch -> manifest -> rename into
+place. Nothing is published unless parity holds, so a served dir is always a checked one.
+Later steps (e.g. int8 quantisation) slot in between export and validation, with their own
+tolerance in ``ExportSettings``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.manifest import Manifest, write_manifest
+from models.prompt import build_prompt, render_chatml
+from models.runtime import MODEL_FILE, OnnxCausalLM
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "config.json",
+)
+# Never shipped: the fast tokenizer only needs tokenizer.json (see bootstrap).
+UNSHIPPED_FILES = ("tokenizer.model",)
+
+
+class ExportValidationError(Exception):
+    """The exported ONNX model does not reproduce the torch model."""
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    task: str = "text-generation-with-past"
+    opset: int | None = None  # None: optimum's default for the architecture
+    dtype: str = "fp32"
+    parity_atol: float = 1e-3
+    parity_rtol: float = 1e-3  # of the largest reference logit magnitude
+    parity_new_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class _SimpleSignal:
+    domain: str
+    text: str
+    ts: datetime
+
+
+_NOW = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)
+
+
+def parity_prompts() -> list[str]:
+    """Two fixed prompts: a short chat turn and a realistic query-writing prompt."""
+    short = render_chatml([{"role": "user", "content": "What is the capital of France?"}])
+    signals = [
+        _SimpleSignal("search", "electric vehicle battery recycling", datetime(2025, 1, 6, 10, 0, tzinfo=UTC)),
+        _SimpleSignal("news_click", "Champions League quarter-final draw", datetime(2025, 1, 6, 9, 0, tzinfo=UTC)),
+        _SimpleSignal("browse", "Lisbon apartment rentals", datetime(2025, 1, 5, 20, 0, tzinfo=UTC)),
+    ]
+    return [short, build_prompt(signals, now=_NOW)]
+
+
+def _load_reference_model(hf_model_dir: Path):  # type: ignore[no-untyped-def]
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32).eval()
+
+
+def _run_optimum_export(hf_model_dir: Path, staging: Path, settings: ExportSettings) -> None:
+    from optimum.exporters.onnx import main_export
+
+    main_export(
+        str(hf_model_dir),
+        output=staging,
+        task=settings.task,
+        opset=settings.opset,
+        device="cpu",
+        library_name="transformers",
+        do_validation=False,  # our parity check below is stricter and covers the merged graph
+    )
+    if not (staging / MODEL_FILE).is_file():
+        raise ExportValidationError(f"optimum produced no {MODEL_FILE}: {sorted(p.name for p in staging.iterdir())}")
+
+
+def _copy_tokenizer(hf_model_dir: Path, staging: Path) -> None:
+    for name in TOKENIZER_FILES:
+        src = hf_model_dir / name
+        if src.is_file() and not (staging / name).is_file():
+            shutil.copy2(src, staging / name)
+    for name in UNSHIPPED_FILES:
+        (staging / name).unlink(missing_ok=True)
+    if not (staging / "tokenizer.json").is_file():
+        raise ExportValidationError(f"{hf_model_dir} has no tokenizer.json to ship")
+
+
+def validate_parity(hf_model_dir: Path, onnx_dir: Path, settings: ExportSettings) -> dict[str, Any]:
+    """Compare ONNX vs torch: last-position logits and greedy tokens. Raises on mismatch."""
+    import torch
+
+    model = _load_reference_model(hf_model_dir)
+    lm = OnnxCausalLM(onnx_dir, providers=["CPUExecutionProvider"], verify=False)
+    max_diff = 0.0
+    for i, prompt in enumerate(parity_prompts()):
+        # One prompt at a time: this checks the export, not padding (tests cover batching).
+        ids = lm.tokenizer(prompt, add_special_tokens=False, return_tensors="np")["input_ids"]
+        with torch.no_grad():
+            ref_logits = model(torch.from_numpy(ids)).logits[0, -1].numpy()
+        onnx_logits = lm.next_token_logits([prompt])[0]
+        diff = float(np.max(np.abs(onnx_logits - ref_logits)))
+        tol = settings.parity_atol + settings.parity_rtol * float(np.max(np.abs(ref_logits)))
+        max_diff = max(max_diff, diff)
+        if not diff <= tol:  # also catches NaN
+            raise ExportValidationError(f"prompt {i}: max |logit diff| {diff:.3g} exceeds tolerance {tol:.3g}")
+
+        with torch.no_grad():
+            out = model.generate(
+                torch.from_numpy(ids),
+                attention_mask=torch.ones_like(torch.from_numpy(ids)),
+                max_new_tokens=settings.parity_new_tokens,
+                do_sample=False,
+                eos_token_id=sorted(lm.eos_ids),
+                pad_token_id=lm.pad_id,
+            )
+        ref_tokens = out[0, ids.shape[1] :].tolist()
+        ref_tokens = ref_tokens[: next((j for j, t in enumerate(ref_tokens) if t in lm.eos_ids), len(ref_tokens))]
+        onnx_tokens = lm.generate_ids([prompt], max_new_tokens=settings.parity_new_tokens)[0]
+        if onnx_tokens != ref_tokens:
+            raise ExportValidationError(
+                f"prompt {i}: greedy tokens differ: onnx {onnx_tokens} vs torch {ref_tokens}"
+            )
+    log.info("parity ok: max |logit diff| %.3g", max_diff)
+    return {"parity_max_abs_logit_diff": max_diff, "parity_greedy_tokens_match": True}
+
+
+def _onnx_opset(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime-gpu"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} already exists")
+        old = out_dir.with_name(f".{out_dir.name}.old-{time.time_ns()}")
+        out_dir.rename(old)  # two renames: readers never see a mixed dir
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out_dir)
+
+
+def export_onnx(
+    hf_model_dir: Path,
+    out_dir: Path,
+    *,
+    name: str,
+    version: str,
+    parent: str | None = None,
+    settings: ExportSettings | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """Export, validate and publish ``hf_model_dir`` as an ONNX model dir at ``out_dir``."""
+    settings = settings or ExportSettings()
+    hf_model_dir, out_dir = Path(hf_model_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists and is not empty (pass overwrite=True)")
+    if out_dir.exists() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Staging lives next to out_dir so publishing is a same-filesystem rename.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it 0700; the published dir must be readable by servers
+    try:
+        t0 = time.perf_counter()
+        _run_optimum_export(hf_model_dir, staging, settings)
+        _copy_tokenizer(hf_model_dir, staging)
+        t1 = time.perf_counter()
+        metrics = validate_parity(hf_model_dir, staging, settings)
+        t2 = time.perf_counter()
+        metrics |= {"export_s": round(t1 - t0, 2), "validation_s": round(t2 - t1, 2)}
+        export_info = asdict(settings) | {
+            "source": str(hf_model_dir),
+            "opset_used": _onnx_opset(staging / MODEL_FILE),
+            "versions": _versions(),
+        }
+        manifest = write_manifest(staging, name, version, parent=parent, export=export_info, metrics=metrics)
+        _publish(staging, out_dir, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("published %s %s to %s (export %.1fs, validation %.1fs)", name, version, out_dir, t1 - t0, t2 - t1)
+    return manifest
