@@ -36,12 +36,22 @@ def _schema() -> tantivy.Schema:
     return sb.build()
 
 
+# Lucene's English stop set, which Elasticsearch's "english" analyzer drops.
+ENGLISH_STOP_WORDS = (
+    "a an and are as at be but by for if in into is it no not of on or such that the their then "
+    "there these they this to was will with"
+).split()
+
+
 def _query_analyzer() -> tantivy.TextAnalyzer:
-    # Must equal tantivy's built-in "en_stem" so query terms meet indexed terms.
+    # tantivy's built-in "en_stem" (so query terms meet indexed terms) plus the stop words
+    # Elasticsearch ignores: without them the tail of the top 10 fills with "the"/"to"
+    # matches (top-10 overlap with noida 0.67 -> 0.84 on MIND titles).
     return (
         tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
         .filter(tantivy.Filter.remove_long(40))
         .filter(tantivy.Filter.lowercase())
+        .filter(tantivy.Filter.custom_stopword(ENGLISH_STOP_WORDS))
         .filter(tantivy.Filter.stemmer("english"))
         .build()
     )
@@ -53,7 +63,8 @@ class EmbeddedEngine:
     Thread-safe for one writer and any number of concurrent readers: writes are
     serialised by a lock, and each search runs on the searcher snapshot it took.
     Query text never reaches tantivy's query parser: it is analysed into terms
-    and turned into term queries, so no syntax in it has any effect.
+    and turned into term queries, so no syntax in it has any effect. A query of
+    only punctuation or stop words matches nothing, as in Elasticsearch.
     """
 
     name = "tantivy"

@@ -74,8 +74,8 @@ def test_hostile_queries_do_not_raise(engine: EmbeddedEngine, hostile: str) -> N
     assert isinstance(hits, list)
 
 
-def test_punctuation_only_and_empty_return_nothing(engine: EmbeddedEngine) -> None:
-    assert engine.search_many_sync(["", "?!", "\x00", "*"]) == [[], [], [], []]
+def test_punctuation_or_stop_words_only_return_nothing(engine: EmbeddedEngine) -> None:
+    assert engine.search_many_sync(["", "?!", "\x00", "*", "AND OR NOT", "the of to"]) == [[]] * 6
     assert engine.search_many_sync([]) == []
 
 
@@ -85,7 +85,7 @@ def test_syntax_is_not_interpreted(engine: EmbeddedEngine) -> None:
     fielded = engine.search_many_sync(["title:marathon"])[0]
     assert [h.news_id for h in fielded] != [] and fielded[0].news_id == plain[0].news_id
     (hits,) = engine.search_many_sync(["NOT marathon"])
-    assert "N16278" in [h.news_id for h in hits]  # NOT is a word, not an operator
+    assert "N16278" in [h.news_id for h in hits]  # NOT is a (stop) word, not an operator
 
 
 def test_exclude(engine: EmbeddedEngine) -> None:
