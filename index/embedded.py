@@ -83,6 +83,8 @@ class EmbeddedEngine:
     # -- writing ---------------------------------------------------------------
     def upsert_sync(self, articles: Sequence[NewsArticle]) -> int:
         """Insert or replace by news_id; visible to searches when this returns."""
+        if not articles:
+            return 0
         with self._write_lock:
             self._check_open()
             if self._writer is None:

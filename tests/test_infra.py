@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import subprocess
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -57,12 +59,10 @@ def test_produce_and_consume_one_message(kafka_bootstrap: str, unique_name: str)
 
 
 def test_search_server_starts(es_url: str, local_infra: LocalInfra) -> None:
-    assert local_infra.status()["search"] == {
-        "running": True,
-        "pid": local_infra.status()["search"]["pid"],
-        "url": es_url,
-        "log": str(local_infra.state_dir / "search.log"),
-    }
+    status = local_infra.status()["search"]
+    assert status["running"] and status["url"] == es_url and status["pid"] > 0
+    with urllib.request.urlopen(es_url + "/", timeout=5) as response:
+        assert json.load(response)["version"]["number"].startswith("8.")
 
 
 def test_standalone_lifecycle_and_port_conflict(tmp_path: Path) -> None:
@@ -76,7 +76,8 @@ def test_standalone_lifecycle_and_port_conflict(tmp_path: Path) -> None:
             other.start_broker(int(bootstrap.rsplit(":", 1)[1]) + 1)
         other.stop()
         assert not infra.status()["broker"]["running"]
-        assert not Path(f"/proc/{pid}/cmdline").exists() or Path(f"/proc/{pid}/cmdline").read_bytes() == b""
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        assert not cmdline.exists() or cmdline.read_bytes() == b""  # gone, or a zombie until reaped
     assert (tmp_path / "broker.log").read_text().count("tansu broker") == 1
     assert not (tmp_path / "broker.pid").exists()
 
