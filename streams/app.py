@@ -92,14 +92,16 @@ def _faust_broker_options(settings: WorkerSettings) -> dict[str, Any]:
 
 def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEngine) -> Worker:
     partitions = settings.topic_partitions
+    datadir = settings.state_dir / "faust" / settings.app_id
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")],
         store="memory://",  # rebuilt from the changelog topics on start
         topic_partitions=partitions,
-        datadir=str(settings.state_dir / "faust" / settings.app_id),
+        datadir=str(datadir),
         web_port=settings.web_port,
-        web_bind=settings.web_host,
+        web_bind=settings.web_bind,
         web_host=settings.web_host,
         table_standby_replicas=0,
         **_faust_broker_options(settings),
@@ -110,8 +112,8 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
     recommendations = app.topic(settings.topic_recommendations, key_type=bytes, value_type=bytes, **raw)
     refresh_done = app.topic(settings.refresh_done_topic, key_type=bytes, value_type=bytes,
                              partitions=partitions, internal=True, **raw)
-    users = app.Table("users", default=None, partitions=partitions, key_type=str, value_serializer="json")
-    latest = app.Table("latest", default=None, partitions=partitions, key_type=str, value_serializer="json")
+    users = app.Table("users", default=None, partitions=partitions, key_type=str)
+    latest = app.Table("latest", default=None, partitions=partitions, key_type=str)
 
     worker = Worker(app, settings, model, engine, RefreshQueue(settings.refresh_min_interval_s), Metrics(),
                     users, latest, recommendations, refresh_done)
@@ -166,7 +168,7 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
         queue.prune(now)
 
     @app.on_partitions_revoked.connect
-    async def on_revoked(app_: faust.App, *, revoked: set[Any], **_: Any) -> None:
+    async def on_revoked(app_: faust.App, revoked: set[Any], **_: Any) -> None:
         queue.forget_partitions({tp.partition for tp in revoked if tp.topic == settings.topic_events})
 
     @app.page("/recommendations/{user_id}")
@@ -177,6 +179,15 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
             if rec is None:
                 return self.json({"error": f"no recommendation for user {user_id!r} yet"}, status=404)
             return self.json(rec)
+
+    @app.page("/users/{user_id}")
+    class UserView(View):
+        @app.table_route(table=users, match_info="user_id")
+        async def get(self, request: Request, user_id: str) -> Response:
+            data = users.get(user_id)
+            if data is None:
+                return self.json({"error": f"unknown user {user_id!r}"}, status=404)
+            return self.json(data)
 
     @app.page("/health")
     async def health(web: Any, request: Request) -> Response:
@@ -258,7 +269,7 @@ async def process_batch(worker: Worker, batch: list[Refresh], executor: ThreadPo
             items += _backfill(items, rrf_fuse(fb_queries, fb_hits, limit=settings.items_per_user, exclude=clicked),
                                settings.items_per_user)
         rec = Recommendation(
-            user_id=r.user_id, generated_at=now_wall, model_version=worker.model.version, queries=queries,
+            user_id=r.user_id, generated_at=now_wall, model_version=worker.model.version or "unversioned", queries=queries,
             items=[RecItem(news_id=i.news_id, title=i.title, score=i.score, query=i.query) for i in items],
             trigger_event_id=r.trigger_event_id,
             latency_ms=round((time.monotonic() - r.first_seen_at) * 1000, 3),

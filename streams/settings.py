@@ -97,9 +97,6 @@ class CommonSettings(BaseSettings):
             conf["sasl.password"] = self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else ""
         if self.kafka_ssl_ca_location:
             conf["ssl.ca.location"] = str(self.kafka_ssl_ca_location)
-        if self.broker_profile == "local":
-            # Tansu reports a wrong end offset for multi-record batches.
-            conf["session.timeout.ms"] = 6000
         return conf
 
     def producer_config(self) -> dict[str, Any]:
@@ -111,8 +108,8 @@ class CommonSettings(BaseSettings):
             # puts one user on the same partition as the worker's table shard.
             "partitioner": "murmur2_random",
         }
-        conf.pop("session.timeout.ms", None)
         if self.broker_profile == "local":
+            # Tansu reports a wrong end offset for multi-record batches.
             conf["batch.num.messages"] = 1
             conf["linger.ms"] = 0
         return conf
@@ -127,6 +124,8 @@ class WorkerSettings(CommonSettings):
     model_dir: Path | None = None
     app_id: str = "newsrec-worker"
     web_port: int = Field(default=6066, ge=1, le=65535)
+    web_bind: str = "127.0.0.1"
+    # The address other workers use to reach this one (table-routed web views).
     web_host: str = "127.0.0.1"
 
     window_max_signals: int = Field(default=30, ge=1, le=1_000)

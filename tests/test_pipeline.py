@@ -1,0 +1,195 @@
+"""End to end on the real local broker: plain confluent-kafka clients in, worker process, recommendations out.
+
+The clients here know only the README contracts (topic names, JSON values, key = user_id).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from index.corpus import read_mind_news
+from streams.demo import demo_corpus
+from streams.stack import WorkerProcess, get_json
+
+pytestmark = pytest.mark.integration
+
+CORPUS = list(read_mind_news(demo_corpus()))
+CORPUS_IDS = {a.news_id for a in CORPUS}
+TEXTS = ["electric car battery range", "nba playoff injury report", "easy pasta recipe", "stock market rally",
+         "cheap flights europe", "marathon training plan", "hurricane forecast coast", "new smartphone launch"]
+
+
+@pytest.fixture
+def stack(kafka_bootstrap: str, tiny_model_dir: Path, unique_name: str, tmp_path: Path) -> Iterator[dict]:
+    env = {
+        "NEWSREC_KAFKA_BOOTSTRAP": kafka_bootstrap, "NEWSREC_BROKER_PROFILE": "local",
+        "NEWSREC_MODEL_DIR": str(tiny_model_dir), "NEWSREC_STATE_DIR": str(tmp_path / "state"),
+        "NEWSREC_APP_ID": f"{unique_name}-worker", "NEWSREC_SEARCH_ENGINE": "embedded",
+        "NEWSREC_TOPIC_EVENTS": f"{unique_name}-user-events", "NEWSREC_TOPIC_NEWS": f"{unique_name}-news-articles",
+        "NEWSREC_TOPIC_RECOMMENDATIONS": f"{unique_name}-recommendations",
+        "NEWSREC_TOPIC_DLQ": f"{unique_name}-user-events-dlq", "NEWSREC_TOPIC_MODEL_UPDATES": f"{unique_name}-mu",
+        "NEWSREC_REFRESH_MIN_INTERVAL_S": "0.5", "NEWSREC_MAX_NEW_TOKENS": "16",
+    }
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "partitioner": "murmur2_random"})
+    for a in CORPUS:
+        producer.produce(env["NEWSREC_TOPIC_NEWS"], key=a.news_id, value=a.model_dump_json())
+    assert producer.flush(30) == 0
+    workers: list[WorkerProcess] = []
+
+    def start_worker() -> WorkerProcess:
+        w = WorkerProcess(env, tmp_path / f"worker{len(workers)}.log").start()
+        workers.append(w)
+        w.wait_ready(documents=len(CORPUS), timeout=120)
+        return w
+
+    yield {"env": env, "producer": producer, "start_worker": start_worker}
+    for w in workers:
+        w.stop()
+
+
+def event(user: str, i: int, text: str, **kw: object) -> dict:
+    base = {"event_id": f"{user}-e{i}", "user_id": user,
+            "ts": (datetime(2026, 11, 1, tzinfo=UTC) + timedelta(minutes=i)).isoformat(),
+            "domain": ("search", "browse", "app")[i % 3], "text": text, "url": None, "news_id": None, "meta": {}}
+    return base | kw
+
+
+def consume(bootstrap: str, topic: str, until, timeout: float = 90.0) -> list:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex[:6]}",
+                         "auto.offset.reset": "earliest", "session.timeout.ms": 6000})
+    consumer.subscribe([topic])
+    got: list = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not until(got):
+            for msg in consumer.consume(100, timeout=0.5):
+                if msg.error() is None:
+                    got.append((msg.key(), json.loads(msg.value())))
+    finally:
+        consumer.close()
+    return got
+
+
+def latest_by_user(records: list) -> dict[str, dict]:
+    return {value["user_id"]: value for _, value in records}
+
+
+def test_every_user_gets_recommendations_from_the_index(stack, kafka_bootstrap):
+    env, producer = stack["env"], stack["producer"]
+    stack["start_worker"]()
+    users = [f"user-{n}" for n in range(20)]
+    last: dict[str, str] = {}
+    for n, user in enumerate(users):
+        for i in range(3):
+            ev = event(user, i, TEXTS[(n + i) % len(TEXTS)])
+            producer.produce(env["NEWSREC_TOPIC_EVENTS"], key=user, value=json.dumps(ev))
+            last[user] = ev["event_id"]
+    assert producer.flush(30) == 0
+
+    def covered(records: list) -> bool:
+        return sum(1 for _, v in records if last.get(v["user_id"]) == v["trigger_event_id"]) >= len(users)
+
+    records = consume(kafka_bootstrap, env["NEWSREC_TOPIC_RECOMMENDATIONS"], covered)
+    recs = latest_by_user(records)
+    assert set(recs) == set(users)
+    for key, value in records:
+        assert key == value["user_id"].encode()
+    for user, rec in recs.items():
+        assert rec["items"], f"{user} got no items"
+        assert {i["news_id"] for i in rec["items"]} <= CORPUS_IDS
+        assert rec["model_version"] and rec["latency_ms"] >= 0
+        datetime.fromisoformat(rec["generated_at"])
+
+
+def test_bad_events_go_to_dlq_with_reason_and_worker_keeps_going(stack, kafka_bootstrap):
+    env, producer = stack["env"], stack["producer"]
+    worker = stack["start_worker"]()
+    topic = env["NEWSREC_TOPIC_EVENTS"]
+    bad = {
+        "malformed": b'{"event_id": "x", ',
+        "wrong-type": json.dumps(event("u-bad", 1, "text") | {"ts": 17}).encode(),
+        "missing-field": json.dumps({k: v for k, v in event("u-bad", 2, "t").items() if k != "text"}).encode(),
+        "unknown-domain": json.dumps(event("u-bad", 3, "text") | {"domain": "email"}).encode(),
+        "huge-text": json.dumps(event("u-bad", 4, "x" * 100_000)).encode(),
+        "empty-text": json.dumps(event("u-bad", 5, "")).encode(),
+        "invalid-utf8": b'{"text": "\xff\xfe"}',
+    }
+    for name, raw in bad.items():
+        producer.produce(topic, key=b"u-bad", value=raw, headers={"case": name})
+    good = event("u-good", 1, "electric car battery range")
+    producer.produce(topic, key="u-good", value=json.dumps(good))
+    assert producer.flush(30) == 0
+
+    letters = consume(kafka_bootstrap, env["NEWSREC_TOPIC_DLQ"], lambda got: len(got) >= len(bad))
+    assert len(letters) == len(bad)
+    for _, letter in letters:
+        assert letter["error"] and letter["topic"] == topic and letter["offset"] >= 0
+    errors = " | ".join(letter["error"] for _, letter in letters)
+    for fragment in ["JSON", "ts", "text", "domain", "more than", "empty", "UTF-8"]:
+        assert fragment in errors, f"no DLQ reason mentions {fragment!r}: {errors}"
+    raws = {letter["raw"] for _, letter in letters}
+    assert bad["malformed"].decode() in raws  # kept whole
+
+    recs = consume(kafka_bootstrap, env["NEWSREC_TOPIC_RECOMMENDATIONS"],
+                   lambda got: any(v["user_id"] == "u-good" for _, v in got))
+    assert any(v["trigger_event_id"] == good["event_id"] for _, v in recs)
+    assert worker.proc is not None and worker.proc.poll() is None
+    assert worker.stats()["counters"]["events_dlq"] == len(bad)
+
+
+def test_worker_restart_mid_stream_keeps_every_window(stack, kafka_bootstrap):
+    env, producer = stack["env"], stack["producer"]
+    worker = stack["start_worker"]()
+    users = [f"r-{n}" for n in range(10)]
+    sent: dict[str, list[str]] = {u: [] for u in users}
+
+    def send(i: int) -> None:
+        for n, user in enumerate(users):
+            ev = event(user, i, TEXTS[(n + i) % len(TEXTS)])
+            producer.produce(env["NEWSREC_TOPIC_EVENTS"], key=user, value=json.dumps(ev))
+            sent[user].append(ev["event_id"])
+        assert producer.flush(30) == 0
+
+    for i in range(3):
+        send(i)
+    deadline = time.monotonic() + 60
+    while worker.stats()["counters"].get("events_applied", 0) < 30 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    worker.kill()  # mid-stream, no clean shutdown
+    send(3)
+    restarted = stack["start_worker"]()
+    send(4)
+
+    deadline = time.monotonic() + 90
+    windows: dict[str, list[str]] = {}
+    while time.monotonic() < deadline:
+        windows = {u: [s["event_id"] for s in get_json(f"{restarted.url}/users/{u}")["signals"]]
+                   for u in users if _has_user(restarted.url, u)}
+        if all(sorted(windows.get(u, [])) == sorted(sent[u]) for u in users):
+            break
+        time.sleep(0.5)
+    for user in users:
+        assert sorted(windows.get(user, [])) == sorted(sent[user]), f"{user} lost part of its window"
+
+
+def _has_user(url: str, user: str) -> bool:
+    try:
+        get_json(f"{url}/users/{user}")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from models.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
