@@ -18,10 +18,14 @@ log = logging.getLogger(__name__)
 MAX_SIGNAL_CHARS = 200
 CHATML_ROLES = frozenset({"system", "user", "assistant"})
 
-SYSTEM_PROMPT = (
-    "You are a news recommendation assistant. From a user's recent activity you write "
-    "short, specific news search queries that match the user's interests."
-)
+# Wording tuned on SmolLM2-135M-Instruct: longer instructions ("one per distinct interest",
+# "make each query specific") made it answer "I'm ready to help" or echo the activity list,
+# and "- [search] ..." bullets were copied verbatim. Plain "Searched: ..." lines and a short
+# ask gave usable numbered lists. Re-tune when the student model changes.
+SYSTEM_PROMPT = "You write news search queries from a user's recent activity."
+
+# How each signal domain is labelled in the prompt (unknown domains get their own name).
+DOMAIN_LABELS = {"search": "Searched", "browse": "Browsed", "news_click": "Read news", "app": "Used app"}
 
 
 class SignalLike(Protocol):
@@ -101,8 +105,8 @@ def format_age(ts: datetime, now: datetime) -> str:
 
 
 def _domain_label(domain: object) -> str:
-    label = re.sub(r"[^a-z0-9_]+", "_", str(domain).lower()).strip("_")
-    return label[:20] or "other"
+    key = re.sub(r"[^a-z0-9_]+", "_", str(domain).lower()).strip("_")[:20]
+    return DOMAIN_LABELS.get(key) or (key.replace("_", " ").capitalize() or "Other")
 
 
 def build_messages(
@@ -125,16 +129,14 @@ def build_messages(
         if not text or key in seen:  # repeated clicks/searches add tokens, not information
             continue
         seen.add(key)
-        lines.append(f"- [{label}] {text} ({format_age(signal.ts, now)})")
+        lines.append(f"{label}: {text} ({format_age(signal.ts, now)})")
         if len(lines) >= max_signals:
             break
-    activity = "\n".join(lines) if lines else "- (no recent activity)"
+    activity = "\n".join(lines) if lines else "(no recent activity)"
     user = (
-        "Recent activity, newest first:\n"
+        "A user's recent activity:\n"  # newest first; saying so made the model echo "Newest first"
         f"{activity}\n\n"
-        f"Write up to {max_queries} news search queries for this user, one per distinct interest, "
-        "as a numbered list. Make each query specific (names, places, events). "
-        "Output only the list, no explanations."
+        f"Write {max_queries} news search queries about these interests as a numbered list. No explanations."
     )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
@@ -187,9 +189,17 @@ def _strip_edges(item: str) -> str:
     return item
 
 
+# Small models often echo activity lines ("Searched: x (2h ago)"); keep just the x.
+_ECHO_LABEL = re.compile(
+    r"^(?:" + "|".join(re.escape(v) for v in DOMAIN_LABELS.values()) + r"|read|query|search query)\s*:\s*", re.IGNORECASE
+)
+_ECHO_AGE = re.compile(r"\s*\((?:just now|\d+[mhd] ago)\)\s*$|\s*\([^()]*$")  # incl. cut-off "(3h"
+
+
 def _clean_item(item: str, max_chars: int) -> str:
     item = sanitize_text(item, max_chars=10_000)
     item = _strip_edges(_MARKDOWN.sub("", item))
+    item = _strip_edges(_ECHO_AGE.sub("", _ECHO_LABEL.sub("", item)))
     item = _WHITESPACE.sub(" ", item)
     if len(item) > max_chars:
         item = _strip_edges(_truncate(item, max_chars))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -54,18 +55,24 @@ def test_signals_listed_newest_first_with_domain_and_age() -> None:
             sig("app", "Strava", 60 * 24 * 3),
         ]
     )
-    lines = [line for line in content.splitlines() if line.startswith("- [")]
+    lines = content.splitlines()[1:5]
     assert lines == [
-        "- [news_click] Champions League draw (5m ago)",
-        "- [search] ev battery recycling (2h ago)",
-        "- [browse] Lisbon apartment rentals (26h ago)",
-        "- [app] Strava (3d ago)",
+        "Read news: Champions League draw (5m ago)",
+        "Searched: ev battery recycling (2h ago)",
+        "Browsed: Lisbon apartment rentals (26h ago)",
+        "Used app: Strava (3d ago)",
     ]
+
+
+def test_unknown_domain_labelled_by_name() -> None:
+    content = user_content([sig("smart_tv", "F1 highlights", 1), sig("<|im_end|>\n", "x y", 2)])
+    assert "Smart tv: F1 highlights (1m ago)" in content
+    assert "Im end: x y (2m ago)" in content
 
 
 def test_instructions_mention_numbered_list_and_count() -> None:
     content = user_content([sig("search", "mars rover", 1)], max_queries=3)
-    assert "up to 3" in content
+    assert "Write 3 news search queries" in content
     assert "numbered list" in content
     assert "no explanations" in content.lower()
 
@@ -80,7 +87,7 @@ def test_empty_signals_still_valid_prompt() -> None:
 def test_duplicate_signals_collapsed_and_capped() -> None:
     signals = [sig("search", "Same Thing", i) for i in range(5)] + [sig("search", f"topic {i}", 10 + i) for i in range(30)]
     content = user_content(signals, max_signals=10)
-    lines = [line for line in content.splitlines() if line.startswith("- [")]
+    lines = [line for line in content.splitlines() if line.startswith("Searched: ")]
     assert len(lines) == 10
     assert sum("same thing" in line.lower() for line in lines) == 1
 
@@ -88,8 +95,8 @@ def test_duplicate_signals_collapsed_and_capped() -> None:
 def test_naive_and_aware_timestamps_mix() -> None:
     naive = Signal("search", "naive ts", datetime(2025, 3, 1, 11, 0))
     content = user_content([naive, sig("search", "aware ts", 30)])
-    assert "- [search] aware ts (30m ago)" in content
-    assert "- [search] naive ts (1h ago)" in content
+    assert "Searched: aware ts (30m ago)" in content
+    assert "Searched: naive ts (1h ago)" in content
 
 
 def test_future_timestamp_is_just_now() -> None:
@@ -137,6 +144,8 @@ def test_hostile_signal_cannot_inject_turns() -> None:
     assert "\n1. evil" not in prompt
 
 
+ACTIVITY_LINE = re.compile(r"^[A-Z0-9][\w ]{0,20}: \S.* \((?:just now|\d+[mhd] ago)\)$")
+
 hostile_text = st.lists(
     st.sampled_from(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|", "|>", "<", "|", ">", "\n", "\r", "a", " ", "system", "\x1b"]),
     max_size=40,
@@ -154,7 +163,7 @@ def test_property_hostile_text_never_adds_turns(texts: list[str], domains: list[
     user = prompt.split("<|im_start|>user\n", 1)[1]
     activity = user.split("\n\n", 1)[0].splitlines()[1:]
     assert 1 <= len(activity) <= max(1, len(signals))
-    assert all(line.startswith("- [") for line in activity) or activity == ["- (no recent activity)"]
+    assert activity == ["(no recent activity)"] or all(ACTIVITY_LINE.match(line) for line in activity)
 
 
 # --- parse_queries -------------------------------------------------------------------------
@@ -195,6 +204,11 @@ def test_parse_drops_short_and_truncates_long() -> None:
     assert out[0].startswith("longword") and len(out[0]) <= 50 and not out[0].endswith(" ")
     assert out[0].split(" ")[-1] == "longword"  # cut at a word boundary
     assert out[1] == "ok"
+
+
+def test_parse_strips_echoed_activity_lines() -> None:
+    text = "1. Searched: nvidia earnings date (30m ago)\n2. Read news: Taylor Swift album (1h ago)\n3. Browsed: Patagonia hikes (3h"
+    assert parse_queries(text) == ["nvidia earnings date", "Taylor Swift album", "Patagonia hikes"]
 
 
 def test_parse_strips_special_tokens() -> None:
