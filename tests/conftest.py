@@ -10,7 +10,8 @@ import pytest
 
 from streams.infra import LocalInfra
 
-MIND_NEWS = Path("/work/shared/data/mind/news.tsv")
+# shared/ sits beside the repository checkout (read-only input).
+MIND_NEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "mind" / "news.tsv"
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +41,11 @@ def unique_name() -> str:
 def mind_news_path() -> Path:
     assert MIND_NEWS.is_file(), f"MIND sample missing at {MIND_NEWS} (see /work/shared/INFRA.md)"
     return MIND_NEWS
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random causal LM exported to ONNX with a manifest (built once per session)."""
+    from models.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))

@@ -187,9 +187,3 @@ def _has_user(url: str, user: str) -> bool:
     except OSError:
         return False
 
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
