@@ -121,6 +121,9 @@ class OnnxCausalLM:
         if missing or "input_ids" not in self._inputs or "logits" not in self._output_names:
             raise ValueError(f"{self.model_dir / MODEL_FILE} is not a text-generation-with-past export")
         self._past_shape, self._past_dtype = self._past_layout()
+        logits_meta = next(o for o in self.session.get_outputs() if o.name == "logits")
+        self._vocab = logits_meta.shape[-1]  # int for normal exports; symbolic -> copy path
+        self._logits_dtype = _ORT_DTYPES[logits_meta.type]
         self.last_stats: GenerationStats | None = None
         log.info(
             "loaded %s %s from %s on %s",
@@ -186,12 +189,19 @@ class OnnxCausalLM:
                 binding.bind_cpu_input(name, value)
             else:
                 binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        if isinstance(self._vocab, int):
+            # Write logits straight into a numpy buffer: the prefill's (batch, seq, vocab)
+            # logits are hundreds of MB and OrtValue.numpy() would copy them.
+            logits_buf = np.empty((input_ids.shape[0], input_ids.shape[1], self._vocab), dtype=self._logits_dtype)
+            binding.bind_output("logits", "cpu", 0, logits_buf.dtype, logits_buf.shape, logits_buf.ctypes.data)
+        else:
+            binding.bind_output("logits", "cpu")
         for name in self._present_to_past:
             binding.bind_output(name, self._device)  # cache stays on the device
         self.session.run_with_iobinding(binding)
         outputs = dict(zip(self._output_names, binding.get_outputs(), strict=True))
-        logits = outputs["logits"].numpy()[:, -1, :]
+        last = (logits_buf if isinstance(self._vocab, int) else outputs["logits"].numpy())[:, -1, :]
+        logits = np.array(last)  # own copy of just the last position, so the big buffer can go
         present = {past_name: outputs[name] for name, past_name in self._present_to_past.items()}
         return logits, present
 
