@@ -94,13 +94,13 @@ class IndexFollower:
             consumer.close()
 
 
-async def run_indexer(kafka_config: dict[str, Any], topic: str, engine: SearchEngine, *,
-                      group_id: str = "newsrec-indexer", stop: asyncio.Event | None = None,
-                      idle_exit_s: float | None = None) -> int:
-    """Consume news into ``engine`` until ``stop`` (or ``idle_exit_s`` without news). Returns count."""
-    consumer = Consumer(kafka_config | {"group.id": group_id, "enable.auto.commit": False,
-                                        "auto.offset.reset": "earliest"})
-    consumer.subscribe([topic])
+async def run_indexer(consumer_config: dict[str, Any], topic: str, engine: SearchEngine, *,
+                      stop: asyncio.Event | None = None, idle_exit_s: float | None = None) -> int:
+    """Consume news into ``engine`` until ``stop`` (or ``idle_exit_s`` without news once
+    partitions are assigned). Returns the number of articles written."""
+    consumer = Consumer(consumer_config | {"enable.auto.commit": False})
+    assigned = threading.Event()
+    consumer.subscribe([topic], on_assign=lambda _c, _parts: assigned.set())
     loop = asyncio.get_running_loop()
     total, last_data = 0, time.monotonic()
     try:
@@ -113,6 +113,8 @@ async def run_indexer(kafka_config: dict[str, Any], topic: str, engine: SearchEn
                 last_data = time.monotonic()
                 consumer.commit(asynchronous=False)
                 log.info("indexed %d articles", total)
+            elif not assigned.is_set():
+                last_data = time.monotonic()
             elif idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
                 break
     finally:

@@ -63,7 +63,7 @@ def _phase(settings: WorkerSettings, users: int, events: int, rate: float | None
     latencies: list[float] = []
     done: set[str] = set()
     tag = uuid.uuid4().hex[:4]
-    with RecommendationReader(settings.kafka_config(), settings.topic_recommendations) as reader, \
+    with RecommendationReader(settings.consumer_config(f"newsrec-reader-{uuid.uuid4().hex[:8]}"), settings.topic_recommendations) as reader, \
             NewsrecProducer(settings) as producer:
         list(reader.poll(1.0))  # join the group before producing
         t0 = time.monotonic()

@@ -34,7 +34,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
                                ca_certs=str(settings.es_ca_certs) if settings.es_ca_certs else None)
         try:
             await engine.ensure_index()
-            return await run_indexer(settings.kafka_config(), settings.topic_news, engine,
+            return await run_indexer(settings.consumer_config("newsrec-indexer"), settings.topic_news, engine,
                                      idle_exit_s=args.exit_when_idle)
         finally:
             await engine.close()

@@ -114,7 +114,7 @@ def run_demo(*, users: int = 4, timeout: float = 180.0, model_dir: Path | None =
             print(f"streamed signals of {users} users; recommendations as they arrive:")
             done: set[str] = set()
             deadline = time.monotonic() + timeout
-            with RecommendationReader(settings.kafka_config(), settings.topic_recommendations) as reader:
+            with RecommendationReader(settings.consumer_config(f"newsrec-reader-{uuid.uuid4().hex[:8]}"), settings.topic_recommendations) as reader:
                 while done != set(expected) and time.monotonic() < deadline:
                     for rec, _ in reader.poll():
                         print_recommendation(rec)

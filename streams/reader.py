@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,10 +12,8 @@ from streams.contracts import Recommendation
 
 
 class RecommendationReader:
-    def __init__(self, kafka_config: dict[str, Any], topic: str, *, group_id: str | None = None) -> None:
-        self._consumer = Consumer(kafka_config | {
-            "group.id": group_id or f"newsrec-reader-{uuid.uuid4().hex[:8]}",
-            "auto.offset.reset": "earliest", "enable.auto.commit": True, "session.timeout.ms": 6000})
+    def __init__(self, consumer_config: dict[str, Any], topic: str) -> None:
+        self._consumer = Consumer(consumer_config)
         self._consumer.subscribe([topic])
 
     def poll(self, timeout: float = 0.5) -> Iterator[tuple[Recommendation, float]]:

@@ -99,6 +99,12 @@ class CommonSettings(BaseSettings):
             conf["ssl.ca.location"] = str(self.kafka_ssl_ca_location)
         return conf
 
+    def consumer_config(self, group_id: str) -> dict[str, Any]:
+        conf = self.kafka_config() | {"group.id": group_id, "auto.offset.reset": "earliest"}
+        if self.broker_profile == "local":
+            conf["session.timeout.ms"] = 6000  # Tansu holds a group join for half of it
+        return conf
+
     def producer_config(self) -> dict[str, Any]:
         conf = self.kafka_config() | {
             "enable.idempotence": True,
