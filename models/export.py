@@ -94,6 +94,35 @@ def _run_optimum_export(hf_model_dir: Path, staging: Path, settings: ExportSetti
     )
     if not (staging / MODEL_FILE).is_file():
         raise ExportValidationError(f"optimum produced no {MODEL_FILE}: {sorted(p.name for p in staging.iterdir())}")
+    keep_last_position_logits(staging / MODEL_FILE)
+
+
+def keep_last_position_logits(model_path: Path) -> None:
+    """Make the graph project only the last position onto the vocabulary.
+
+    Greedy decoding reads nothing else, and on a prefill the full (batch, seq, vocab)
+    logits dominate time and memory for small models (a 49k vocabulary).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(model_path))
+    producers = [n for n in model.graph.node if "logits" in n.output]
+    if len(producers) != 1 or producers[0].op_type != "MatMul":
+        raise ExportValidationError(f"unexpected logits producer in {model_path}: {[n.op_type for n in producers]}")
+    head = producers[0]
+    consts = {"last_pos_starts": -1, "last_pos_ends": 2**63 - 1, "last_pos_axes": 1}
+    for name, value in consts.items():
+        model.graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], [value]))
+    sliced = f"{head.input[0]}_last_position"
+    index = list(model.graph.node).index(head)
+    model.graph.node.insert(index, helper.make_node(
+        "Slice", [head.input[0], *consts], [sliced], name="/lm_head/last_position"))
+    head.input[0] = sliced
+    logits = next(o for o in model.graph.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[1].Clear()
+    logits.type.tensor_type.shape.dim[1].dim_value = 1
+    onnx.save(model, str(model_path))
 
 
 def _copy_tokenizer(hf_model_dir: Path, staging: Path) -> None:

@@ -123,6 +123,8 @@ class OnnxCausalLM:
         self._past_shape, self._past_dtype = self._past_layout()
         logits_meta = next(o for o in self.session.get_outputs() if o.name == "logits")
         self._vocab = logits_meta.shape[-1]  # int for normal exports; symbolic -> copy path
+        # Our exporter keeps only the last position (static 1); other exports give all positions.
+        self._logits_positions = logits_meta.shape[1] if logits_meta.shape[1] == 1 else None
         self._logits_dtype = _ORT_DTYPES[logits_meta.type]
         self.last_stats: GenerationStats | None = None
         log.info(
@@ -192,7 +194,8 @@ class OnnxCausalLM:
         if isinstance(self._vocab, int):
             # Write logits straight into a numpy buffer: the prefill's (batch, seq, vocab)
             # logits are hundreds of MB and OrtValue.numpy() would copy them.
-            logits_buf = np.empty((input_ids.shape[0], input_ids.shape[1], self._vocab), dtype=self._logits_dtype)
+            positions = self._logits_positions or input_ids.shape[1]
+            logits_buf = np.empty((input_ids.shape[0], positions, self._vocab), dtype=self._logits_dtype)
             binding.bind_output("logits", "cpu", 0, logits_buf.dtype, logits_buf.shape, logits_buf.ctypes.data)
         else:
             binding.bind_output("logits", "cpu")
