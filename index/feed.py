@@ -46,9 +46,10 @@ def decode_articles(messages: Sequence[Any]) -> tuple[list[NewsArticle], int]:
 class IndexFollower:
     """Tails the news topic into an in-process engine from a background thread."""
 
-    def __init__(self, kafka_config: dict[str, Any], topic: str, upsert: Callable[[list[NewsArticle]], int]) -> None:
-        self._conf = kafka_config | {"group.id": "newsrec-index-follower", "enable.auto.commit": False,
-                                      "enable.partition.eof": True}
+    def __init__(self, consumer_config: dict[str, Any], topic: str,
+                 upsert: Callable[[list[NewsArticle]], int]) -> None:
+        # Partitions are assigned by hand (no group membership); group.id is only required.
+        self._conf = consumer_config | {"enable.auto.commit": False, "enable.partition.eof": True}
         self._topic = topic
         self._upsert = upsert
         self._stop = threading.Event()

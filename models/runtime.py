@@ -57,6 +57,9 @@ def _session_options(intra_op_threads: int | None) -> ort.SessionOptions:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one graph, no branch parallelism to exploit
     if intra_op_threads:
         opts.intra_op_num_threads = intra_op_threads
+    # Idle pool threads would spin for the next op and starve the serving event loop
+    # that shares these cores (it parses events and publishes while the model runs).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 

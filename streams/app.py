@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -65,6 +65,7 @@ class Worker:
     latest: Any
     recommendations: Any
     refresh_done: Any
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)  # a refresh was queued
 
 
 def _faust_broker_options(settings: WorkerSettings) -> dict[str, Any]:
@@ -94,9 +95,12 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
     partitions = settings.topic_partitions
     datadir = settings.state_dir / "faust" / settings.app_id
     datadir.mkdir(parents=True, exist_ok=True)
+    scheme = "kafka"
+    if settings.broker_profile == "local":
+        from streams.local_transport import SCHEME as scheme
     app = faust.App(
         settings.app_id,
-        broker=[f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")],
+        broker=[f"{scheme}://{h}" for h in settings.kafka_bootstrap.split(",")],
         store="memory://",  # rebuilt from the changelog topics on start
         topic_partitions=partitions,
         datadir=str(datadir),
@@ -139,6 +143,7 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
                 state, parsed, msg.partition, max_signals=settings.window_max_signals,
                 max_age_s=settings.window_max_age_s, clicked_memory=settings.clicked_memory).to_json()
             queue.schedule(parsed.user_id, parsed.event_id, msg.partition, time.monotonic())
+            worker.wakeup.set()
             metrics.inc("events_applied")
 
     @app.agent(refresh_done)
@@ -164,6 +169,7 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
             trigger, partition = (data or {}).get("pending_trigger"), (data or {}).get("pending_partition")
             if trigger and partition in active and not queue.is_known(user_id, trigger):
                 queue.schedule(user_id, trigger, partition, now)
+                worker.wakeup.set()
                 metrics.inc("refreshes_recovered")
         queue.prune(now)
 
@@ -191,8 +197,11 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
 
     @app.page("/health")
     async def health(web: Any, request: Request) -> Response:
-        return web.json({"status": "ok", "model_version": model.version, "engine": engine.name,
-                         "documents": await engine.count()})
+        # Ready = partitions assigned and tables recovered: before that, events wait unread.
+        ready = bool(app.consumer.assignment()) and not app.rebalancing and app.tables.recovery.completed.is_set()
+        body = {"status": "ok" if ready else "starting", "model_version": model.version, "engine": engine.name,
+                "documents": await engine.count(), "assigned_partitions": len(app.consumer.assignment())}
+        return web.json(body, status=200 if ready else 503)
 
     @app.page("/stats")
     async def stats(web: Any, request: Request) -> Response:
@@ -202,74 +211,120 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
     return worker
 
 
+class _Backoff:
+    """Delay before retrying failed refreshes; resets on the first success."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        delay = RETRY_BACKOFF_S[min(self.failures, len(RETRY_BACKOFF_S) - 1)]
+        self.failures += 1
+        return delay
+
+
 async def run_refresher(worker: Worker) -> None:
-    """Forever: wait for due refreshes, gather a micro-batch, process it."""
+    """Forever: gather a micro-batch of due refreshes, run the model on it, and hand it to
+    a publishing task, so the next batch's model call overlaps this batch's search+publish."""
     settings, queue = worker.settings, worker.queue
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-    failures = 0
+    backoff = _Backoff()
+    publishing: set[asyncio.Task[None]] = set()
     while True:
-        now = time.monotonic()
-        next_due = queue.next_due()
-        if next_due is None or next_due > now:
-            await asyncio.sleep(min(0.01 if next_due is None else next_due - now, 0.05))
-            continue
-        if len(queue) < settings.batch_max_users and settings.batch_max_wait_ms:
-            await asyncio.sleep(settings.batch_max_wait_ms / 1000)
+        await _wait_until_due(worker)
+        if len(queue) < settings.batch_max_users and settings.batch_max_wait_ms and not publishing:
+            await asyncio.sleep(settings.batch_max_wait_ms / 1000)  # idle: let a batch gather
         batch = queue.take_due(time.monotonic(), settings.batch_max_users)
         if not batch:
             continue
         try:
-            await process_batch(worker, batch, executor)
-            failures = 0
+            generated = await generate_batch(worker, batch, executor)
         except Exception:
-            delay = RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)]
-            failures += 1
-            worker.metrics.inc("batches_failed")
-            log.exception("refresh batch of %d users failed; retrying in %.1fs", len(batch), delay)
-            queue.retry(batch, time.monotonic() + delay)
+            _failed(worker, batch, backoff, "model")
+            continue
+        task = asyncio.create_task(_publish_or_retry(worker, generated, backoff))
+        publishing.add(task)
+        task.add_done_callback(publishing.discard)
+        if len(publishing) >= 2:  # bound the work in flight
+            await asyncio.wait(publishing, return_when=asyncio.FIRST_COMPLETED)
 
 
-async def process_batch(worker: Worker, batch: list[Refresh], executor: ThreadPoolExecutor) -> None:
+async def _wait_until_due(worker: Worker) -> None:
+    while True:
+        now = time.monotonic()
+        next_due = worker.queue.next_due()
+        if next_due is not None and next_due <= now:
+            return
+        worker.wakeup.clear()
+        try:
+            await asyncio.wait_for(worker.wakeup.wait(), timeout=None if next_due is None else next_due - now)
+        except TimeoutError:
+            pass
+
+
+def _failed(worker: Worker, batch: list[Refresh], backoff: _Backoff, stage: str) -> None:
+    delay = backoff.next_delay()
+    worker.metrics.inc("batches_failed")
+    log.exception("%s stage failed for a batch of %d users; retrying in %.1fs", stage, len(batch), delay)
+    worker.queue.retry(batch, time.monotonic() + delay)
+    worker.wakeup.set()
+
+
+async def _publish_or_retry(worker: Worker, generated: Generated, backoff: _Backoff) -> None:
+    try:
+        await publish_batch(worker, generated)
+        backoff.failures = 0
+    except Exception:
+        _failed(worker, generated.batch, backoff, "search/publish")
+
+
+@dataclass
+class Generated:
+    batch: list[Refresh]
+    states: list[UserState]
+    queries: list[list[str]]
+
+
+async def generate_batch(worker: Worker, batch: list[Refresh], executor: ThreadPoolExecutor) -> Generated:
+    """One model call for the whole batch: each user's window → prompt → query list."""
     settings, metrics = worker.settings, worker.metrics
-    loop = asyncio.get_running_loop()
     states = [UserState.from_json(worker.users.get(r.user_id)) for r in batch]
     prompts = [build_prompt(s.signals[: settings.prompt_signals], max_queries=settings.max_queries) for s in states]
-
     t0 = time.perf_counter()
-    texts = await loop.run_in_executor(
+    texts = await asyncio.get_running_loop().run_in_executor(
         executor, lambda: worker.model.generate(prompts, max_new_tokens=settings.max_new_tokens))
-    model_ms = (time.perf_counter() - t0) * 1000
-    metrics.observe("model_batch_ms", model_ms)
+    metrics.observe("model_batch_ms", (time.perf_counter() - t0) * 1000)
     metrics.observe("batch_users", len(batch))
+    return Generated(batch, states, [parse_queries(t, max_queries=settings.max_queries) for t in texts])
 
-    model_queries = [parse_queries(t, max_queries=settings.max_queries) for t in texts]
+
+async def publish_batch(worker: Worker, generated: Generated) -> None:
+    """One search call for all queries of the batch, RRF per user, publish."""
+    settings, metrics = worker.settings, worker.metrics
+    batch, states, model_queries = generated.batch, generated.states, generated.queries
+    # Recent signal texts back-fill users whose model queries find too little.
     backfill = [[s.text for s in st.signals[:BACKFILL_SIGNALS]] for st in states]
-    flat = [q for qs in model_queries for q in qs] + [q for qs in backfill for q in qs]
-    t1 = time.perf_counter()
+    groups = model_queries + backfill
+    flat = [q for qs in groups for q in qs]
+    t0 = time.perf_counter()
     results = await worker.engine.search_many(flat, k=settings.results_per_query) if flat else []
-    search_ms = (time.perf_counter() - t1) * 1000
-    metrics.observe("search_batch_ms", search_ms)
+    metrics.observe("search_batch_ms", (time.perf_counter() - t0) * 1000)
     metrics.observe("search_queries", len(flat))
-
-    offset = 0
-    split_model, split_backfill = [], []
-    for qs in model_queries:
-        split_model.append(results[offset: offset + len(qs)])
-        offset += len(qs)
-    for qs in backfill:
-        split_backfill.append(results[offset: offset + len(qs)])
+    per_group, offset = [], 0
+    for qs in groups:
+        per_group.append(results[offset: offset + len(qs)])
         offset += len(qs)
 
     now_wall = datetime.now(UTC)
-    for r, state, queries, hits, fb_queries, fb_hits in zip(
-            batch, states, model_queries, split_model, backfill, split_backfill):
+    version = worker.model.version or "unversioned"
+    for n, (r, state) in enumerate(zip(batch, states)):
         clicked = set(state.clicked)
-        items = rrf_fuse(queries, hits, limit=settings.items_per_user, exclude=clicked)
+        items = rrf_fuse(model_queries[n], per_group[n], limit=settings.items_per_user, exclude=clicked)
         if len(items) < settings.items_per_user:
-            items += _backfill(items, rrf_fuse(fb_queries, fb_hits, limit=settings.items_per_user, exclude=clicked),
-                               settings.items_per_user)
+            extra = rrf_fuse(backfill[n], per_group[len(batch) + n], limit=settings.items_per_user, exclude=clicked)
+            items += _backfill(items, extra, settings.items_per_user)
         rec = Recommendation(
-            user_id=r.user_id, generated_at=now_wall, model_version=worker.model.version or "unversioned", queries=queries,
+            user_id=r.user_id, generated_at=now_wall, model_version=version, queries=model_queries[n],
             items=[RecItem(news_id=i.news_id, title=i.title, score=i.score, query=i.query) for i in items],
             trigger_event_id=r.trigger_event_id,
             latency_ms=round((time.monotonic() - r.first_seen_at) * 1000, 3),
@@ -280,6 +335,7 @@ async def process_batch(worker: Worker, batch: list[Refresh], executor: ThreadPo
         metrics.observe("refresh_latency_ms", rec.latency_ms)
         metrics.inc("recommendations_out")
     worker.queue.finish(batch, time.monotonic())
+    worker.wakeup.set()  # users queued while in flight are schedulable again
 
 
 def _backfill(items: list[FusedItem], extra: list[FusedItem], limit: int) -> list[FusedItem]:

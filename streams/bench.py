@@ -35,11 +35,11 @@ WORDS = ("election budget senate storm hurricane recipe pasta playoff basketball
          "chip startup wildfire marathon fitness diet coffee housing mortgage").split()
 
 
-def synthetic_event(user: int, seq: int, start: datetime) -> UserEvent:
+def synthetic_event(user: int, seq: int, start: datetime, tag: str) -> UserEvent:
     rnd = (user * 7919 + seq * 104729) % 9973
     text = " ".join(WORDS[(rnd + i * 13) % len(WORDS)] for i in range(3))
     domain = ("search", "browse", "app", "news_click")[seq % 4]
-    return UserEvent(event_id=f"b{user}-{seq}-{uuid.uuid4().hex[:6]}", user_id=f"bench-user-{user}",
+    return UserEvent(event_id=f"b{user}-{seq}-{tag}", user_id=f"bench-user-{user}-{tag}",
                      ts=start + timedelta(seconds=seq), domain=domain, text=text, url=None, news_id=None, meta={})
 
 
@@ -56,49 +56,93 @@ def _index_into_elasticsearch(settings: WorkerSettings, articles: list[NewsArtic
     asyncio.run(load_all())
 
 
+SESSION_EVENTS = 4
+SESSION_GAP_S = 0.3
+
+
+def paced_schedule(users: int, events: int, rate: float) -> list[tuple[float, int, int]]:
+    """(send offset s, user, seq): users act in sessions of a few events 0.3 s apart
+    (search, click, browse...), sessions starting evenly so the total rate is ``rate``."""
+    sessions = -(-events // SESSION_EVENTS)
+    plan = []
+    for s in range(sessions):
+        user, start = s % users, s * SESSION_EVENTS / rate
+        for k in range(SESSION_EVENTS):
+            plan.append((start + k * SESSION_GAP_S, user, (s // users) * SESSION_EVENTS + k))
+    return sorted(plan)[:events]
+
+
+class _Tally:
+    """Latency of each recommendation from its trigger event's production to its arrival.
+
+    A trigger produced within the debounce interval after the user's previous
+    recommendation arrived was held back on purpose: counted apart as ``debounced``.
+    """
+
+    def __init__(self, min_interval_s: float) -> None:
+        self.min_interval_s = min_interval_s
+        self.sent_at: dict[str, float] = {}
+        self.last_event: dict[str, str] = {}
+        self.last_arrival: dict[str, float] = {}
+        self.immediate: list[float] = []
+        self.debounced: list[float] = []
+        self.done: set[str] = set()
+        self.in_worker: list[float] = []  # oldest covered event reached the worker → published
+        self.to_consumer: list[float] = []  # published → consumed (wall clocks of one machine)
+
+    def sent(self, event: UserEvent) -> None:
+        self.sent_at[event.event_id] = time.monotonic()
+        self.last_event[event.user_id] = event.event_id
+
+    def received(self, rec: Any, arrived: float) -> None:
+        sent = self.sent_at.get(rec.trigger_event_id)
+        if sent is None:
+            return
+        previous = self.last_arrival.get(rec.user_id)
+        held = previous is not None and sent - previous < self.min_interval_s
+        (self.debounced if held else self.immediate).append((arrived - sent) * 1000)
+        self.in_worker.append(rec.latency_ms)
+        self.to_consumer.append((time.time() - rec.generated_at.timestamp()) * 1000)
+        self.last_arrival[rec.user_id] = arrived
+        if self.last_event.get(rec.user_id) == rec.trigger_event_id:
+            self.done.add(rec.user_id)
+
+
 def _phase(settings: WorkerSettings, users: int, events: int, rate: float | None, timeout: float) -> dict[str, Any]:
     start_ts = datetime.now(UTC)
-    sent_at: dict[str, float] = {}
-    last_event: dict[str, str] = {}
-    latencies: list[float] = []
-    done: set[str] = set()
+    tally = _Tally(settings.refresh_min_interval_s)
     tag = uuid.uuid4().hex[:4]
-    with RecommendationReader(settings.consumer_config(f"newsrec-reader-{uuid.uuid4().hex[:8]}"), settings.topic_recommendations) as reader, \
+    plan = paced_schedule(users, events, rate) if rate else [(0.0, i % users, i // users) for i in range(events)]
+    group = f"newsrec-bench-{uuid.uuid4().hex[:8]}"
+    with RecommendationReader(settings.consumer_config(group), settings.topic_recommendations) as reader, \
             NewsrecProducer(settings) as producer:
-        list(reader.poll(1.0))  # join the group before producing
+        reader.wait_assigned()
         t0 = time.monotonic()
-        for i in range(events):
-            ev = synthetic_event(i % users, i // users, start_ts)
-            ev = ev.model_copy(update={"user_id": f"{ev.user_id}-{tag}"})
-            if rate:
-                delay = t0 + i / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+        for offset, user, seq in plan:
+            # Wait for the send time by reading: arrival times stay exact.
+            while (delay := t0 + offset - time.monotonic()) > 0:
+                for rec, arrived in reader.poll(delay):
+                    tally.received(rec, arrived)
+            ev = synthetic_event(user, seq, start_ts, tag)
             producer.send_event(ev)
-            sent_at[ev.event_id] = time.monotonic()
-            last_event[ev.user_id] = ev.event_id
-            for rec, arrived in reader.poll(0):
-                _collect(rec, arrived, sent_at, last_event, latencies, done)
+            tally.sent(ev)
         produced_s = time.monotonic() - t0
         producer.flush()
         deadline = time.monotonic() + timeout
-        while len(done) < len(last_event) and time.monotonic() < deadline:
+        while len(tally.done) < len(tally.last_event) and time.monotonic() < deadline:
             for rec, arrived in reader.poll(0.2):
-                _collect(rec, arrived, sent_at, last_event, latencies, done)
+                tally.received(rec, arrived)
         elapsed = time.monotonic() - t0
     return {"events": events, "users": users, "target_rate": rate, "produce_s": round(produced_s, 2),
             "drained_s": round(elapsed, 2), "events_per_s": round(events / elapsed, 1),
-            "users_complete": len(done), "recommendations": len(latencies),
-            "e2e_ms": {"p50": _r(percentile(latencies, 50)), "p99": _r(percentile(latencies, 99)),
-                       "max": _r(max(latencies) if latencies else None)}}
+            "users_complete": len(tally.done), "recommendations": len(tally.immediate) + len(tally.debounced),
+            "e2e_ms": _summary(tally.immediate + tally.debounced), "e2e_immediate_ms": _summary(tally.immediate),
+            "e2e_debounced_ms": _summary(tally.debounced), "in_worker_ms": _summary(tally.in_worker),
+            "publish_to_consume_ms": _summary(tally.to_consumer)}
 
 
-def _collect(rec: Any, arrived: float, sent_at: dict[str, float], last_event: dict[str, str],
-             latencies: list[float], done: set[str]) -> None:
-    if rec.trigger_event_id in sent_at:
-        latencies.append((arrived - sent_at[rec.trigger_event_id]) * 1000)
-    if last_event.get(rec.user_id) == rec.trigger_event_id:
-        done.add(rec.user_id)
+def _summary(values: list[float]) -> dict[str, float | int | None]:
+    return {"count": len(values)} | {f"p{q}": _r(percentile(values, q)) for q in (50, 90, 99)}
 
 
 def _r(value: float | None) -> float | None:
@@ -114,7 +158,7 @@ def bench_engine(engine: str, *, events: int, users: int, rate: float, model_dir
     try:
         env = {"NEWSREC_KAFKA_BOOTSTRAP": infra.start_broker(free_port()), "NEWSREC_STATE_DIR": str(state),
                "NEWSREC_MODEL_DIR": str(model_dir), "NEWSREC_SEARCH_ENGINE": engine,
-               "NEWSREC_REFRESH_MIN_INTERVAL_S": "1", "NEWSREC_BATCH_MAX_USERS": "64",
+               "NEWSREC_REFRESH_MIN_INTERVAL_S": "1", "NEWSREC_BATCH_MAX_USERS": "16",
                "NEWSREC_BATCH_MAX_WAIT_MS": "5"}
         if engine == "elasticsearch":
             env["NEWSREC_ES_URL"] = infra.start_search(free_port())
@@ -135,14 +179,15 @@ def bench_engine(engine: str, *, events: int, users: int, rate: float, model_dir
         summaries = stats["summaries"]
         return {"engine": engine, "documents": len(articles), "paced": paced, "burst": burst,
                 "model_batch_ms": summaries.get("model_batch_ms"), "search_batch_ms": summaries.get("search_batch_ms"),
-                "batch_users": summaries.get("batch_users"), "paced_model_batch_ms": stats_paced["summaries"].get(
-                    "model_batch_ms"), "counters": stats["counters"]}
+                "batch_users": summaries.get("batch_users"),
+                "paced_model_batch_ms": stats_paced["summaries"].get("model_batch_ms"),
+                "worker_paced": stats_paced, "worker_total": stats}
     finally:
         infra.stop()
 
 
 def run_pipeline_bench(*, events: int, users: int, engines: list[str], out: Path, model_dir: Path | None,
-                       rate: float = 250.0) -> int:
+                       rate: float) -> int:
     from index.corpus import read_mind_news
     from streams.demo import demo_corpus
 
@@ -172,17 +217,18 @@ def run_pipeline_bench(*, events: int, users: int, engines: list[str], out: Path
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    head = ("| engine | docs | paced ev/s | paced e2e p50/p99 ms | burst ev/s (sustained) | burst e2e p50/p99 ms "
-            "| model batch p50/p99 ms | users/batch p50 | search batch p50/p99 ms | p99 e2e / p99 model |")
+    head = ("| engine | docs | paced ev/s | e2e immediate p50/p99 ms (n) | e2e debounced p50/p99 ms (n) "
+            "| model batch p50/p99 ms | users/batch p50 | search batch p50/p99 ms | immediate p99 / model p99 "
+            "| burst ev/s sustained |")
     rows = [head, "|---" * 10 + "|"]
     for r in results:
-        m, s, b = r["model_batch_ms"] or {}, r["search_batch_ms"] or {}, r["batch_users"] or {}
-        pm = r["paced_model_batch_ms"] or {}
-        ratio = (r["paced"]["e2e_ms"]["p99"] / pm["p99"]) if pm.get("p99") and r["paced"]["e2e_ms"]["p99"] else None
+        paced, pm = r["paced"], r["paced_model_batch_ms"] or {}
+        s, b, imm, deb = r["search_batch_ms"] or {}, r["batch_users"] or {}, paced["e2e_immediate_ms"], \
+            paced["e2e_debounced_ms"]
+        ratio = imm["p99"] / pm["p99"] if pm.get("p99") and imm["p99"] else None
         rows.append(
-            f"| {r['engine']} | {r['documents']} | {r['paced']['events_per_s']} "
-            f"| {r['paced']['e2e_ms']['p50']} / {r['paced']['e2e_ms']['p99']} | {r['burst']['events_per_s']} "
-            f"| {r['burst']['e2e_ms']['p50']} / {r['burst']['e2e_ms']['p99']} "
-            f"| {_r(m.get('p50'))} / {_r(m.get('p99'))} | {b.get('p50')} | {_r(s.get('p50'))} / {_r(s.get('p99'))} "
-            f"| {ratio and round(ratio, 2)} |")
+            f"| {r['engine']} | {r['documents']} | {paced['events_per_s']} "
+            f"| {imm['p50']} / {imm['p99']} ({imm['count']}) | {deb['p50']} / {deb['p99']} ({deb['count']}) "
+            f"| {_r(pm.get('p50'))} / {_r(pm.get('p99'))} | {b.get('p50')} | {_r(s.get('p50'))} / {_r(s.get('p99'))} "
+            f"| {ratio and round(ratio, 2)} | {r['burst']['events_per_s']} |")
     return "\n".join(rows)

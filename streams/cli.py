@@ -106,7 +106,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from streams.bench import run_pipeline_bench
 
     return run_pipeline_bench(events=args.events, users=args.users, engines=args.engines.split(","),
-                              out=args.out, model_dir=args.model_dir)
+                              out=args.out, model_dir=args.model_dir, rate=args.rate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("pipeline", help="events/s and end-to-end latency on the local stack")
     b.add_argument("--events", type=int, default=4000)
     b.add_argument("--users", type=int, default=400)
+    b.add_argument("--rate", type=float, default=200.0, help="events/s of the paced phase")
     b.add_argument("--engines", default="embedded,elasticsearch")
     b.add_argument("--model-dir", type=Path, default=None, help="default: a tiny random test model")
     b.add_argument("--out", type=Path, default=Path("bench-results/pipeline.json"))

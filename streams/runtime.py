@@ -25,7 +25,8 @@ def open_engine(settings: CommonSettings) -> tuple[SearchEngine, IndexFollower |
     from index.embedded import EmbeddedEngine
 
     embedded = EmbeddedEngine()
-    follower = IndexFollower(settings.kafka_config(), settings.topic_news, embedded.upsert_sync)
+    follower = IndexFollower(settings.consumer_config("newsrec-index-follower"), settings.topic_news,
+                             embedded.upsert_sync)
     return embedded, follower
 
 

@@ -103,6 +103,7 @@ class CommonSettings(BaseSettings):
         conf = self.kafka_config() | {"group.id": group_id, "auto.offset.reset": "earliest"}
         if self.broker_profile == "local":
             conf["session.timeout.ms"] = 6000  # Tansu holds a group join for half of it
+            conf["fetch.wait.max.ms"] = 10  # Tansu holds every fetch this long, data or not
         return conf
 
     def producer_config(self) -> dict[str, Any]:

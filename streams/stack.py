@@ -56,8 +56,10 @@ class WorkerProcess:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 last = get_json(f"{self.url}/health")
-                if last.get("documents", 0) >= documents:
+                if last.get("status") == "ok" and last.get("documents", 0) >= documents:
                     return last
+            except urllib.error.HTTPError as exc:  # 503 while starting: keep its body for the error
+                last = exc.read()[:200]
             except (OSError, ValueError):
                 pass
             time.sleep(0.3)
