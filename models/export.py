@@ -13,6 +13,7 @@ import logging
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,15 +84,17 @@ def _load_reference_model(hf_model_dir: Path):  # type: ignore[no-untyped-def]
 def _run_optimum_export(hf_model_dir: Path, staging: Path, settings: ExportSettings) -> None:
     from optimum.exporters.onnx import main_export
 
-    main_export(
-        str(hf_model_dir),
-        output=staging,
-        task=settings.task,
-        opset=settings.opset,
-        device="cpu",
-        library_name="transformers",
-        do_validation=False,  # our parity check below is stricter and covers the merged graph
-    )
+    with warnings.catch_warnings():  # torch's tracer warns about every data-dependent branch
+        warnings.simplefilter("ignore")
+        main_export(
+            str(hf_model_dir),
+            output=staging,
+            task=settings.task,
+            opset=settings.opset,
+            device="cpu",
+            library_name="transformers",
+            do_validation=False,  # our parity check below is stricter and covers the merged graph
+        )
     if not (staging / MODEL_FILE).is_file():
         raise ExportValidationError(f"optimum produced no {MODEL_FILE}: {sorted(p.name for p in staging.iterdir())}")
     keep_last_position_logits(staging / MODEL_FILE)

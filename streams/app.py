@@ -177,23 +177,8 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
     async def on_revoked(app_: faust.App, revoked: set[Any], **_: Any) -> None:
         queue.forget_partitions({tp.partition for tp in revoked if tp.topic == settings.topic_events})
 
-    @app.page("/recommendations/{user_id}")
-    class RecommendationView(View):
-        @app.table_route(table=latest, match_info="user_id")
-        async def get(self, request: Request, user_id: str) -> Response:
-            rec = latest.get(user_id)
-            if rec is None:
-                return self.json({"error": f"no recommendation for user {user_id!r} yet"}, status=404)
-            return self.json(rec)
-
-    @app.page("/users/{user_id}")
-    class UserView(View):
-        @app.table_route(table=users, match_info="user_id")
-        async def get(self, request: Request, user_id: str) -> Response:
-            data = users.get(user_id)
-            if data is None:
-                return self.json({"error": f"unknown user {user_id!r}"}, status=404)
-            return self.json(data)
+    _user_table_view(app, latest, "/recommendations/{user_id}", "recommendation")
+    _user_table_view(app, users, "/users/{user_id}", "window")
 
     @app.page("/health")
     async def health(web: Any, request: Request) -> Response:
@@ -221,6 +206,20 @@ class _Backoff:
         delay = RETRY_BACKOFF_S[min(self.failures, len(RETRY_BACKOFF_S) - 1)]
         self.failures += 1
         return delay
+
+
+def _user_table_view(app: faust.App, table: Any, path: str, what: str) -> None:
+    """GET ``path`` → the user's row, answered by the worker that owns its partition."""
+
+    class UserTableView(View):
+        @app.table_route(table=table, match_info="user_id")
+        async def get(self, request: Request, user_id: str) -> Response:
+            value = table.get(user_id)
+            if value is None:
+                return self.json({"error": f"no {what} for user {user_id!r} yet"}, status=404)
+            return self.json(value)
+
+    app.page(path, name=f"user-{what}")(UserTableView)
 
 
 async def run_refresher(worker: Worker) -> None:
