@@ -157,9 +157,7 @@ def bench_engine(engine: str, *, events: int, users: int, rate: float, model_dir
     infra = LocalInfra(state / "infra")
     try:
         env = {"NEWSREC_KAFKA_BOOTSTRAP": infra.start_broker(free_port()), "NEWSREC_STATE_DIR": str(state),
-               "NEWSREC_MODEL_DIR": str(model_dir), "NEWSREC_SEARCH_ENGINE": engine,
-               "NEWSREC_REFRESH_MIN_INTERVAL_S": "1", "NEWSREC_BATCH_MAX_USERS": "16",
-               "NEWSREC_BATCH_MAX_WAIT_MS": "5"}
+               "NEWSREC_MODEL_DIR": str(model_dir), "NEWSREC_SEARCH_ENGINE": engine}
         if engine == "elasticsearch":
             env["NEWSREC_ES_URL"] = infra.start_search(free_port())
         settings = load(WorkerSettings, **{k.removeprefix("NEWSREC_").lower(): v for k, v in env.items()})

@@ -140,7 +140,7 @@ class WorkerSettings(CommonSettings):
     clicked_memory: int = Field(default=200, ge=0, le=10_000)
     refresh_min_interval_s: float = Field(default=2.0, ge=0)
     batch_max_users: int = Field(default=32, ge=1, le=1_024)
-    batch_max_wait_ms: float = Field(default=20.0, ge=0)
+    batch_max_wait_ms: float = Field(default=5.0, ge=0)
     pending_sweep_interval_s: float = Field(default=5.0, gt=0)
 
     max_queries: int = Field(default=5, ge=1, le=16)

@@ -1,0 +1,36 @@
+"""The console script: config errors, local infrastructure commands."""
+
+import pytest
+
+from streams.cli import main
+from streams.stack import free_port
+
+
+def test_bad_config_fails_at_start_with_the_variable_named(monkeypatch, capsys):
+    monkeypatch.setenv("NEWSREC_WINDOW_MAX_SIGNALS", "0")
+    assert main(["topics"]) == 2
+    err = capsys.readouterr().err
+    assert "NEWSREC_WINDOW_MAX_SIGNALS" in err and "greater than or equal to 1" in err
+
+
+def test_worker_without_model_says_how_to_get_one(monkeypatch, tmp_path, kafka_bootstrap):
+    monkeypatch.setenv("NEWSREC_KAFKA_BOOTSTRAP", kafka_bootstrap)
+    monkeypatch.setenv("NEWSREC_MODEL_DIR", str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match="newsrec models bootstrap"):
+        main(["worker"])
+
+
+def test_infra_up_status_down(monkeypatch, tmp_path, capsys):
+    port = free_port()
+    monkeypatch.setenv("NEWSREC_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("NEWSREC_KAFKA_BOOTSTRAP", f"127.0.0.1:{port}")
+    try:
+        assert main(["infra", "up"]) == 0
+        assert f"export NEWSREC_KAFKA_BOOTSTRAP=127.0.0.1:{port}" in capsys.readouterr().out
+        assert main(["infra", "status"]) == 0
+        status = capsys.readouterr().out
+        assert "broker" in status and "'running': True" in status
+    finally:
+        assert main(["infra", "down"]) == 0
+    main(["infra", "status"])
+    assert "'running': True" not in capsys.readouterr().out
