@@ -21,20 +21,18 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import faust
 from faust.web import Request, Response, View
 
 from index.base import SearchEngine
-from models.prompt import build_prompt, parse_queries
 from streams.contracts import Recommendation, RecItem, dead_letter, parse_event
-from streams.fusion import FusedItem, rrf_fuse
 from streams.metrics import Metrics
+from streams.recommend import QueryModel, RecommendConfig, generate_queries, retrieve
 from streams.refresh import Refresh, RefreshQueue
 from streams.settings import WorkerSettings
 from streams.window import UserState, apply_event, complete_refresh
@@ -42,13 +40,6 @@ from streams.window import UserState, apply_event, complete_refresh
 log = logging.getLogger(__name__)
 
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
-BACKFILL_SIGNALS = 2
-
-
-class QueryModel(Protocol):
-    version: str
-
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int) -> list[str]: ...
 
 
 @dataclass
@@ -66,6 +57,13 @@ class Worker:
     recommendations: Any
     refresh_done: Any
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)  # a refresh was queued
+
+    @property
+    def config(self) -> RecommendConfig:
+        s = self.settings
+        return RecommendConfig(max_queries=s.max_queries, max_new_tokens=s.max_new_tokens,
+                               prompt_signals=s.prompt_signals, results_per_query=s.results_per_query,
+                               items_per_user=s.items_per_user)
 
 
 def _faust_broker_options(settings: WorkerSettings) -> dict[str, Any]:
@@ -286,44 +284,26 @@ class Generated:
 
 async def generate_batch(worker: Worker, batch: list[Refresh], executor: ThreadPoolExecutor) -> Generated:
     """One model call for the whole batch: each user's window → prompt → query list."""
-    settings, metrics = worker.settings, worker.metrics
     states = [UserState.from_json(worker.users.get(r.user_id)) for r in batch]
-    prompts = [build_prompt(s.signals[: settings.prompt_signals], max_queries=settings.max_queries) for s in states]
     t0 = time.perf_counter()
-    texts = await asyncio.get_running_loop().run_in_executor(
-        executor, lambda: worker.model.generate(prompts, max_new_tokens=settings.max_new_tokens))
-    metrics.observe("model_batch_ms", (time.perf_counter() - t0) * 1000)
-    metrics.observe("batch_users", len(batch))
-    return Generated(batch, states, [parse_queries(t, max_queries=settings.max_queries) for t in texts])
+    queries = await asyncio.get_running_loop().run_in_executor(
+        executor, generate_queries, worker.model, states, worker.config)
+    worker.metrics.observe("model_batch_ms", (time.perf_counter() - t0) * 1000)
+    worker.metrics.observe("batch_users", len(batch))
+    return Generated(batch, states, queries)
 
 
 async def publish_batch(worker: Worker, generated: Generated) -> None:
-    """One search call for all queries of the batch, RRF per user, publish."""
-    settings, metrics = worker.settings, worker.metrics
-    batch, states, model_queries = generated.batch, generated.states, generated.queries
-    # Recent signal texts back-fill users whose model queries find too little.
-    backfill = [[s.text for s in st.signals[:BACKFILL_SIGNALS]] for st in states]
-    groups = model_queries + backfill
-    flat = [q for qs in groups for q in qs]
+    """One search call for the batch, RRF per user, publish."""
+    metrics, batch = worker.metrics, generated.batch
     t0 = time.perf_counter()
-    results = await worker.engine.search_many(flat, k=settings.results_per_query) if flat else []
+    fused = await retrieve(worker.engine, generated.states, generated.queries, worker.config)
     metrics.observe("search_batch_ms", (time.perf_counter() - t0) * 1000)
-    metrics.observe("search_queries", len(flat))
-    per_group, offset = [], 0
-    for qs in groups:
-        per_group.append(results[offset: offset + len(qs)])
-        offset += len(qs)
-
     now_wall = datetime.now(UTC)
     version = worker.model.version or "unversioned"
-    for n, (r, state) in enumerate(zip(batch, states)):
-        clicked = set(state.clicked)
-        items = rrf_fuse(model_queries[n], per_group[n], limit=settings.items_per_user, exclude=clicked)
-        if len(items) < settings.items_per_user:
-            extra = rrf_fuse(backfill[n], per_group[len(batch) + n], limit=settings.items_per_user, exclude=clicked)
-            items += _backfill(items, extra, settings.items_per_user)
+    for r, queries, items in zip(batch, generated.queries, fused):
         rec = Recommendation(
-            user_id=r.user_id, generated_at=now_wall, model_version=version, queries=model_queries[n],
+            user_id=r.user_id, generated_at=now_wall, model_version=version, queries=queries,
             items=[RecItem(news_id=i.news_id, title=i.title, score=i.score, query=i.query) for i in items],
             trigger_event_id=r.trigger_event_id,
             latency_ms=round((time.monotonic() - r.first_seen_at) * 1000, 3),
@@ -335,8 +315,3 @@ async def publish_batch(worker: Worker, generated: Generated) -> None:
         metrics.inc("recommendations_out")
     worker.queue.finish(batch, time.monotonic())
     worker.wakeup.set()  # users queued while in flight are schedulable again
-
-
-def _backfill(items: list[FusedItem], extra: list[FusedItem], limit: int) -> list[FusedItem]:
-    have = {i.news_id for i in items}
-    return [i for i in extra if i.news_id not in have][: limit - len(items)]
