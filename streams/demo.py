@@ -11,6 +11,7 @@ import logging
 import tempfile
 import time
 import uuid
+from itertools import zip_longest
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,8 @@ from streams.settings import WorkerSettings, load
 from streams.stack import WorkerProcess, free_port
 
 log = logging.getLogger(__name__)
+
+EVENT_GAP_S = 0.7
 
 # (domain, text) per persona, oldest first: searches, visited page titles, app events, clicks.
 PERSONAS: dict[str, list[tuple[str, str]]] = {
@@ -103,20 +106,27 @@ def run_demo(*, users: int = 4, timeout: float = 180.0, model_dir: Path | None =
             worker.wait_ready(documents=len(articles), timeout=timeout)
             names = list(PERSONAS)
             start = datetime.now(UTC) - timedelta(hours=1)
-            expected: dict[str, str] = {}
-            with NewsrecProducer(settings) as producer:
-                for n in range(users):
-                    user_id = f"demo-{names[n % len(names)]}-{n}"
-                    events = persona_events(user_id, names[n % len(names)], titles, start)
-                    for ev in events:
-                        producer.send_event(ev)
-                    expected[user_id] = events[-1].event_id
-            print(f"streamed signals of {users} users; recommendations as they arrive:")
+            timelines = [persona_events(f"demo-{names[n % len(names)]}-{n}", names[n % len(names)], titles, start)
+                         for n in range(users)]
+            expected = {events[-1].user_id: events[-1].event_id for events in timelines if events}
+            # Interleave users' signals, one every EVENT_GAP_S, as a live stream would.
+            stream = [ev for step in zip_longest(*timelines) for ev in step if ev is not None]
             done: set[str] = set()
             deadline = time.monotonic() + timeout
-            with RecommendationReader(settings.consumer_config(f"newsrec-reader-{uuid.uuid4().hex[:8]}"), settings.topic_recommendations) as reader:
+            group = f"newsrec-demo-{uuid.uuid4().hex[:8]}"
+            with RecommendationReader(settings.consumer_config(group), settings.topic_recommendations) as reader, \
+                    NewsrecProducer(settings) as producer:
+                reader.wait_assigned()
+                print(f"streaming {len(stream)} signals of {users} users; recommendations as they arrive:")
+                next_send = time.monotonic()
                 while done != set(expected) and time.monotonic() < deadline:
-                    for rec, _ in reader.poll():
+                    if stream and time.monotonic() >= next_send:
+                        ev = stream.pop(0)
+                        producer.send_event(ev)
+                        producer.flush()
+                        print(f"  -> {ev.user_id} [{ev.domain}] {ev.text[:70]}")
+                        next_send = time.monotonic() + EVENT_GAP_S
+                    for rec, _ in reader.poll(0.1):
                         print_recommendation(rec)
                         if expected.get(rec.user_id) == rec.trigger_event_id:
                             done.add(rec.user_id)

@@ -34,3 +34,11 @@ def test_infra_up_status_down(monkeypatch, tmp_path, capsys):
         assert main(["infra", "down"]) == 0
     main(["infra", "status"])
     assert "'running': True" not in capsys.readouterr().out
+
+
+def test_demo_runs_end_to_end_on_embedded_defaults(tiny_model_dir, capsys):
+    """The README's main job, with the tiny model standing in for the bootstrap one."""
+    assert main(["demo", "--users", "2", "--model-dir", str(tiny_model_dir), "--timeout", "120"]) == 0
+    out = capsys.readouterr().out
+    assert "published 240 demo news articles" in out
+    assert "all 2 users have recommendations covering their latest signal" in out
