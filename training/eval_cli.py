@@ -1,0 +1,158 @@
+"""``newsrec eval``: offline evaluation and the search-engine overlap study.
+
+``add_eval_commands(subparsers)`` is wired into ``streams.cli``; handlers return exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RESULTS_DIR = Path("bench-results")
+
+
+def add_eval_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "eval", help="offline evaluation of recommendation methods on a dataset directory",
+        description="Evaluate methods on a dataset (news.tsv, events.jsonl, targets.jsonl) through the "
+                    "serving path; `eval overlap` compares search engines instead.")
+    p.add_argument("--data", type=Path, help="dataset directory")
+    p.add_argument("--model", action="append", dest="models", metavar="M",
+                   help="lexical | popular | bootstrap (prompt-only SmolLM2) | an ONNX model dir; repeatable")
+    p.add_argument("--k", default="5,10", help="comma-separated cut-offs (default 5,10)")
+    p.add_argument("--samples", type=int, default=None, metavar="N", help="evaluate the first N target users")
+    p.add_argument("--engine", choices=["embedded", "elasticsearch", "dense"], default="embedded",
+                   help="search backend: tantivy (default), Elasticsearch at NEWSREC_ES_URL, or MiniLM dense")
+    p.add_argument("--batch-size", type=int, default=None, help="users per model call (default: the worker's)")
+    p.add_argument("--no-diversity", action="store_true", help="skip MiniLM query-diversity")
+    p.add_argument("--per-user", action="store_true", help="keep per-user rows (queries, items) in the JSON")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default bench-results/eval-<dataset>.json)")
+    p.set_defaults(func=_cmd_eval)
+
+    sub = p.add_subparsers(dest="eval_what")
+    o = sub.add_parser("overlap", help="top-10 agreement of tantivy, Elasticsearch (local noida-db) and dense")
+    o.add_argument("--news", type=Path, required=True, help="MIND news.tsv")
+    o.add_argument("--docs", type=int, default=300, help="first N articles (noida-db is slow: keep <= 300)")
+    o.add_argument("--queries", type=int, default=50)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--k", type=int, default=10, dest="overlap_k")
+    o.add_argument("--out", type=Path, default=None, dest="overlap_out",
+                   help="JSON path (default bench-results/overlap.json)")
+    o.set_defaults(func=_cmd_overlap)
+
+
+def _parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
+    except ValueError:
+        raise SystemExit(f"newsrec eval: --k expects comma-separated integers, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise SystemExit(f"newsrec eval: --k needs positive cut-offs, got {text!r}")
+    return ks
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from streams.settings import CommonSettings, ConfigError, load
+    from training.baselines import resolve_method
+    from training.dataset import DatasetError, load_dataset
+    from training.evaluate import EvalConfig, format_markdown, run_evaluation
+
+    if args.data is None or not args.models:
+        raise ConfigError("`newsrec eval` needs --data DIR and at least one --model")
+    try:
+        dataset = load_dataset(args.data)
+    except DatasetError as exc:
+        raise ConfigError(f"dataset: {exc}") from None
+    cfg_args: dict[str, Any] = {"ks": _parse_ks(args.k), "samples": args.samples,
+                                "diversity": not args.no_diversity, "keep_per_user": args.per_user}
+    if args.batch_size:
+        cfg_args["batch_size"] = args.batch_size
+    try:
+        cfg = EvalConfig(**cfg_args)
+        methods = [resolve_method(m, dataset.news, dataset.events) for m in args.models]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    es: dict[str, Any] = {}
+    if args.engine == "elasticsearch":
+        settings = load(CommonSettings)
+        if not settings.es_url:
+            raise ConfigError("--engine elasticsearch needs NEWSREC_ES_URL")
+        es = {"es_url": settings.es_url, "es_api_key": settings.es_api_key_value(),
+              "es_ca_certs": str(settings.es_ca_certs) if settings.es_ca_certs else None}
+    results = run_evaluation(dataset, methods, cfg, engine=args.engine, **es)
+    out = args.out or RESULTS_DIR / f"eval-{dataset.path.resolve().name}.json"
+    _write_json(out, results)
+    print(format_markdown(results))
+    for m in results["methods"]:
+        t = m["timings"]
+        print(f"{m['method']}: {t['users']} users in {t['total_s']:.1f} s ({t['users_per_s']} users/s; "
+              f"model {t['model_s']:.1f} s, search {t['search_s']:.1f} s, embed {t['embed_s']:.1f} s)")
+    print(f"results written to {out}")
+    return 0
+
+
+def _cmd_overlap(args: argparse.Namespace) -> int:
+    from index.corpus import read_mind_news
+    from streams.infra import LocalInfra
+    from streams.settings import ConfigError
+    from training.evaluate import format_overlap_markdown, overlap_queries
+
+    if not args.news.is_file():
+        raise ConfigError(f"--news {args.news}: no such file")
+    news = []
+    for article in read_mind_news(args.news, errors="skip"):
+        news.append(article)
+        if len(news) == args.docs:
+            break
+    queries = overlap_queries(news, args.queries, seed=args.seed)
+    state = Path(tempfile.mkdtemp(prefix="newsrec-overlap-"))
+    try:
+        study = _run_overlap(LocalInfra(state / "infra"), news, queries, args.overlap_k)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    study["news"] = str(args.news)
+    study["seed"] = args.seed
+    out = args.overlap_out or RESULTS_DIR / "overlap.json"
+    _write_json(out, study)
+    print(format_overlap_markdown(study))
+    print(f"results written to {out}")
+    return 0
+
+
+def _run_overlap(infra: Any, news: list[Any], queries: list[str], k: int) -> dict[str, Any]:
+    """Start noida-db, index the same news in three engines, compare their top-k."""
+    from index.dense import DenseIndex, MiniLMEmbedder
+    from index.elastic import ElasticEngine
+    from index.embedded import EmbeddedEngine
+    from training.evaluate import overlap_study
+
+    with infra:
+        url = infra.start_search(0)
+
+        async def run() -> dict[str, Any]:
+            engines: dict[str, Any] = {
+                "tantivy": EmbeddedEngine(),
+                "noida-db (ES API)": ElasticEngine(url, f"overlap-{uuid.uuid4().hex[:8]}"),
+                "dense MiniLM": DenseIndex(MiniLMEmbedder()),
+            }
+            try:
+                return await overlap_study(news, queries, engines, k=k)
+            finally:
+                for engine in engines.values():
+                    await engine.close()
+
+        return asyncio.run(run())
