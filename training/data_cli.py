@@ -1,0 +1,184 @@
+"""``newsrec data``: make, check and inspect evaluation datasets.
+
+- ``data simulate --news news.tsv --out DIR``: simulated users over a MIND news file
+  (see ``training.simulate``), written in the dataset format of ``training.dataset``;
+- ``data validate DIR``: format and consistency report (exit code 1 on problems);
+- ``data behaviors behaviors.tsv [--news news.tsv]``: counts of a MIND behaviors file and
+  how many of its ids resolve to the news at hand.
+
+``add_data_commands(subparsers)`` plugs these into the ``newsrec`` parser;
+``python -m training.data_cli data ...`` runs them alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _span(text: str) -> tuple[int, int]:
+    """``MIN,MAX`` (or one number for both) → a tuple, for argparse."""
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX whole numbers like 2,5, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX like 2,5, got {text!r}")
+    return parts[0], parts[1]
+
+
+def _mix(text: str) -> dict[str, float]:
+    """``search=0.4,browse=0.3,...`` → a mapping, for argparse."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected DOMAIN=WEIGHT pairs like search=0.4,browse=0.3, got {text!r}")
+    return out
+
+
+def add_data_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``data simulate|validate|behaviors`` to a parser's subcommands."""
+    p = subparsers.add_parser("data", help="evaluation datasets: simulate, validate, MIND behaviors stats")
+    sub = p.add_subparsers(dest="data_command", required=True)
+
+    s = sub.add_parser("simulate", help="simulated cross-domain users over a MIND news.tsv",
+                       description="Write a dataset directory (news.tsv copied verbatim, events.jsonl, "
+                                   "targets.jsonl, meta.json) of simulated users; see training/simulate.py.")
+    s.add_argument("--news", type=Path, required=True, help="MIND news.tsv (copied into the dataset as is)")
+    s.add_argument("--out", type=Path, required=True, help="dataset directory to write")
+    s.add_argument("--force", action="store_true", help="overwrite a dataset already in --out")
+    s.add_argument("--users", type=int, default=None)
+    s.add_argument("--cold-share", type=float, default=None, help="share of users with 1-3 signals")
+    s.add_argument("--noise", type=float, default=None, help="share of signals unrelated to interests")
+    s.add_argument("--interests", type=_span, default=None, metavar="MIN,MAX", help="interests per user")
+    s.add_argument("--events", type=_span, default=None, metavar="MIN,MAX", help="signals per warm user")
+    s.add_argument("--future", type=_span, default=None, metavar="MIN,MAX", help="future clicks (targets) per user")
+    s.add_argument("--drift", type=float, default=None, help="probability an interest's weight shifts after the cutoff")
+    s.add_argument("--typo-rate", type=float, default=None, help="probability a search has a typo")
+    s.add_argument("--window-days", type=float, default=None, help="length of the history window")
+    s.add_argument("--domain-mix", type=_mix, default=None, metavar="D=W,...",
+                   help="e.g. search=0.35,browse=0.25,app=0.1,news_click=0.3")
+    s.add_argument("--seed", type=int, default=None)
+    s.set_defaults(func=_cmd_simulate)
+
+    v = sub.add_parser("validate", help="check a dataset directory (exit code 1 on problems)")
+    v.add_argument("dir", type=Path)
+    v.set_defaults(func=_cmd_validate)
+
+    b = sub.add_parser("behaviors", help="counts of a MIND behaviors.tsv, and how many ids resolve")
+    b.add_argument("path", type=Path)
+    b.add_argument("--news", type=Path, default=None, help="MIND news.tsv whose ids count as resolved")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=_cmd_behaviors)
+
+
+_CONFIG_ARGS = {"users": "users", "cold_share": "cold_share", "noise": "noise", "interests": "interests_per_user",
+                "events": "events_per_user", "future": "future_clicks", "drift": "drift", "typo_rate": "typo_rate",
+                "window_days": "window_days", "domain_mix": "domain_mix", "seed": "seed"}
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from index.corpus import CorpusError, read_mind_news
+    from training.dataset import EVENTS_FILE, write_dataset
+    from training.simulate import SimulationConfig, SimulationError, read_entity_surface_forms, simulate, summarize
+
+    overrides = {field: getattr(args, arg) for arg, field in _CONFIG_ARGS.items() if getattr(args, arg) is not None}
+    try:
+        config = SimulationConfig(**overrides)
+    except SimulationError as exc:
+        return _fail(str(exc), 2)
+    if (args.out / EVENTS_FILE).exists() and not args.force:
+        return _fail(f"{args.out} already holds a dataset; pass --force to overwrite it", 2)
+    started = time.perf_counter()
+    try:
+        news = list(read_mind_news(args.news))
+        surface_forms = read_entity_surface_forms(args.news)
+        events, targets, meta = simulate(news, config, surface_forms=surface_forms)
+    except (OSError, CorpusError, SimulationError) as exc:
+        return _fail(str(exc), 2)
+    simulated = time.perf_counter() - started
+    meta["news_source"] = str(args.news)
+    with args.news.open(encoding="utf-8") as fh:  # rows verbatim: the dataset keeps MIND's own columns
+        rows = [line for line in fh if line.strip()]
+    write_dataset(args.out, rows, events, targets, meta)
+    total = time.perf_counter() - started
+    summary = summarize(events, targets)
+    domains = ", ".join(f"{d} {n}" for d, n in summary["events_by_domain"].items())
+    print(f"wrote {args.out}: {summary['users']} users ({summary['cold_users']} cold) over {len(news)} news")
+    print(f"events: {summary['events']} ({domains}); noise events: {meta['counts']['noise_events']}")
+    print(f"targets: {summary['target_clicks']} future clicks ({summary['targets_per_user']} per user); "
+          f"cutoff {meta['cutoff']}; seed {config.seed}")
+    print(f"took {total:.2f}s (simulation {simulated:.2f}s)")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from training.dataset import DatasetError, validate_dataset
+
+    try:
+        report = validate_dataset(args.dir)
+    except (DatasetError, OSError, json.JSONDecodeError) as exc:
+        print(f"{args.dir}: not a valid dataset: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.dir}: {report.users} users ({report.cold_users} cold), {report.events} events, "
+          f"{report.news} news, {report.target_clicks} target clicks")
+    print(f"unresolved target ids: {report.unresolved_target_ids}; users without events: {report.users_without_events}")
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    print("ok" if report.ok else f"{len(report.problems)} problem(s)")
+    return 0 if report.ok else 1
+
+
+def _cmd_behaviors(args: argparse.Namespace) -> int:
+    from index.corpus import CorpusError, read_mind_news
+    from training.behaviors import behaviors_stats
+
+    try:
+        known = {a.news_id for a in read_mind_news(args.news)} if args.news else None
+        stats = behaviors_stats(args.path, known)
+    except (OSError, CorpusError) as exc:
+        return _fail(str(exc), 2)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    width = max(len(k) for k in stats)
+    for key, value in stats.items():
+        line = f"{key:<{width}}  {value}"
+        total = {"history_resolved": "history_ids", "impression_resolved": "impression_ids",
+                 "clicks_resolved": "clicks"}.get(key)
+        if total and stats[total]:
+            line += f"  ({100.0 * value / stats[total]:.1f}%)"
+        print(line)
+    return 0
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"newsrec data: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.data_cli", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
