@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model-dir", type=Path, default=None, help="default: a tiny random test model")
     b.add_argument("--out", type=Path, default=Path("bench-results/pipeline.json"))
     b.set_defaults(func=_cmd_bench)
+
+    from training.data_cli import add_data_commands
+    from training.eval_cli import add_eval_commands
+
+    add_data_commands(sub)
+    add_eval_commands(sub)
     return parser
 
 
