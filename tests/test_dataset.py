@@ -118,3 +118,23 @@ def test_bad_news_row_is_a_dataset_error(tmp_path: Path) -> None:
     write_dataset(tmp_path, NEWS_ROWS + ["N4\tonly\tthree"], [event("u1", 1)], [Target(user_id="u1", news_ids=["N1"])])
     with pytest.raises(DatasetError, match=r"news.tsv:4: expected 8 tab-separated fields"):
         load_dataset(tmp_path)
+
+
+def test_validate_finds_leaked_targets_unknown_clicks_and_repeated_event_ids(tmp_path: Path) -> None:
+    events = [event("u1", 1, domain="news_click", text="Tiger wins again", news_id="N1"),
+              event("u1", 2, domain="news_click", text="gone", news_id="N404"), event("u2", 1), event("u2", 1)]
+    write_dataset(tmp_path, NEWS_ROWS, events,
+                  [Target(user_id="u1", news_ids=["N1", "N3"]), Target(user_id="u2", news_ids=["N2"])])
+    problems = " | ".join(validate_dataset(tmp_path).problems)
+    assert "1 targets were already clicked" in problems
+    assert "1 events name a news_id that is not in news.tsv" in problems
+    assert "event_id values repeat" in problems
+
+
+def test_target_ids_must_not_repeat_and_bad_meta_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="repeat"):
+        Target(user_id="u", news_ids=["N1", "N1"])
+    write_dataset(tmp_path, NEWS_ROWS, [event("u1", 1)], [Target(user_id="u1", news_ids=["N1"])])
+    (tmp_path / META_FILE).write_text("{not json")
+    with pytest.raises(DatasetError, match="meta.json: not valid JSON"):
+        load_dataset(tmp_path)

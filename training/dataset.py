@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from index.corpus import CorpusError, read_mind_news
 from streams.contracts import NewsArticle, UserEvent
@@ -38,6 +38,13 @@ class Target(BaseModel):
     user_id: str = Field(min_length=1)
     news_ids: list[str] = Field(min_length=1)
     cold: bool = False
+
+    @field_validator("news_ids")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("news_ids must not repeat an id")
+        return value
 
 
 @dataclass
@@ -83,7 +90,12 @@ def load_dataset(path: Path) -> Dataset:
         if target.user_id in targets:
             raise DatasetError(f"{path / TARGETS_FILE}:{lineno}: user {target.user_id!r} appears twice")
         targets[target.user_id] = target
-    meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
+    meta: dict[str, Any] = {}
+    if (path / META_FILE).is_file():
+        try:
+            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path / META_FILE}: not valid JSON: {exc}") from None
     for user_events in events.values():
         user_events.sort(key=lambda e: (e.ts, e.event_id))
     return Dataset(path, news, dict(events), targets, meta)
@@ -118,6 +130,16 @@ def validate_dataset(path: Path) -> ValidationReport:
     without = [u for u in ds.targets if not ds.events.get(u)]
     if without:
         problems.append(f"{len(without)} target users have no events, e.g. {without[:3]}")
+    all_events = [e for evs in ds.events.values() for e in evs]
+    if len({e.event_id for e in all_events}) != len(all_events):
+        problems.append(f"{EVENTS_FILE}: event_id values repeat")
+    clicks_unknown = sum(1 for e in all_events if e.news_id and e.news_id not in ids)
+    if clicks_unknown:
+        problems.append(f"{EVENTS_FILE}: {clicks_unknown} events name a news_id that is not in {NEWS_FILE}")
+    leaked = sum(len(set(t.news_ids) & {e.news_id for e in ds.events.get(u, ()) if e.news_id})
+                 for u, t in ds.targets.items())
+    if leaked:
+        problems.append(f"{TARGETS_FILE}: {leaked} targets were already clicked by the same user before the cutoff")
     return ValidationReport(
         users=len(ds.targets), cold_users=sum(t.cold for t in ds.targets.values()),
         events=sum(len(v) for v in ds.events.values()), news=len(ds.news),
