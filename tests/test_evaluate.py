@@ -108,6 +108,7 @@ async def test_lexical_popular_and_tiny_model_through_the_harness(dataset_dir: P
     assert results["engine"] == "tantivy"
     assert results["dataset"]["evaluated_users"] == 13 and results["dataset"]["cold_users"] == 3
     assert results["config"]["now"] == (T0 + timedelta(minutes=40)).isoformat()
+    assert len(results["dataset"]["sha256"]) == 64
     by_name = {m["method"]: m for m in results["methods"]}
     assert list(by_name) == ["lexical", "popular", "llm:tiny-0"]
     for m in results["methods"]:

@@ -14,6 +14,7 @@ different ``batch_size`` can change an LLM's output in rare near-tie cases.)
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import time
@@ -33,7 +34,7 @@ from streams.recommend import RecommendConfig, retrieve
 from streams.settings import WorkerSettings
 from streams.window import UserState, apply_event
 from training.baselines import Method
-from training.dataset import Dataset
+from training.dataset import EVENTS_FILE, NEWS_FILE, TARGETS_FILE, Dataset
 from training.metrics import aggregate, hit_rate_at_k, interest_coverage, mrr, ndcg_at_k, query_diversity, recall_at_k
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,18 @@ def dataset_cutoff(dataset: Dataset) -> datetime | None:
             log.warning("meta.json cutoff %r is not ISO 8601; using the newest event time", raw)
     newest = [evs[-1].ts for evs in dataset.events.values() if evs]
     return max(newest) if newest else None
+
+
+def dataset_fingerprint(dataset: Dataset) -> str | None:
+    """sha256 over the three data files, so a result says exactly which dataset it came from
+    (simulated datasets get regenerated in place)."""
+    digest = hashlib.sha256()
+    try:
+        for name in (NEWS_FILE, EVENTS_FILE, TARGETS_FILE):
+            digest.update((dataset.path / name).read_bytes())
+    except OSError:
+        return None  # an in-memory Dataset
+    return digest.hexdigest()
 
 
 def user_metrics(ranked: Sequence[str], targets: Sequence[str], ks: Sequence[int],
@@ -262,6 +275,7 @@ async def evaluate(dataset: Dataset, methods: Sequence[Method], cfg: EvalConfig 
             "name": dataset.path.name, "path": str(dataset.path), "news": len(dataset.news),
             "target_users": len(dataset.users), "evaluated_users": len(users),
             "cold_users": sum(dataset.targets[u].cold for u in users), "unresolved_target_ids": unresolved,
+            "sha256": dataset_fingerprint(dataset),
             "meta": dataset.meta,
         },
         "engine": engine_name,
