@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from index.base import SearchEngine
@@ -34,9 +35,12 @@ class RecommendConfig:
     backfill_signals: int = 2
 
 
-def generate_queries(model: QueryModel, states: Sequence[UserState], cfg: RecommendConfig) -> list[list[str]]:
-    """One model call for all users: each user's query list (possibly empty)."""
-    prompts = [build_prompt(s.signals[: cfg.prompt_signals], max_queries=cfg.max_queries) for s in states]
+def generate_queries(model: QueryModel, states: Sequence[UserState], cfg: RecommendConfig,
+                     now: datetime | None = None) -> list[list[str]]:
+    """One model call for all users: each user's query list (possibly empty).
+
+    ``now`` dates the signals' ages in the prompt (offline: the dataset's cutoff)."""
+    prompts = [build_prompt(s.signals[: cfg.prompt_signals], now=now, max_queries=cfg.max_queries) for s in states]
     texts = model.generate(prompts, max_new_tokens=cfg.max_new_tokens)
     return [parse_queries(t, max_queries=cfg.max_queries) for t in texts]
 

@@ -11,7 +11,6 @@ Two kinds:
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -114,29 +113,9 @@ class LLMQueries:
 
     def queries(self, states: Sequence[UserState], cfg: RecommendConfig, *, now: datetime | None = None
                 ) -> list[list[str]]:
-        if now is not None and _accepts_now():
-            return generate_queries(self.model, states, cfg, now=now)  # type: ignore[call-arg]
-        if now is not None:
-            _warn_wall_clock()
-        return generate_queries(self.model, states, cfg)
+        return generate_queries(self.model, states, cfg, now=now)
 
 
-def _accepts_now() -> bool:
-    # The prompt shows each signal's age ("3h ago"). Offline, ages must be measured from the
-    # dataset's cutoff, not from today's wall clock, or the same dataset gives different
-    # prompts on different days. Use ``now`` as soon as the serving path accepts it.
-    return "now" in inspect.signature(generate_queries).parameters
-
-
-_warned = False
-
-
-def _warn_wall_clock() -> None:
-    global _warned
-    if not _warned:
-        log.warning("streams.recommend.generate_queries has no `now` parameter: prompt ages are measured "
-                    "from the wall clock, so LLM results can change from one day to the next")
-        _warned = True
 
 
 def bootstrap_model_dir() -> Path:

@@ -276,7 +276,7 @@ async def evaluate(dataset: Dataset, methods: Sequence[Method], cfg: EvalConfig 
             "target_users": len(dataset.users), "evaluated_users": len(users),
             "cold_users": sum(dataset.targets[u].cold for u in users), "unresolved_target_ids": unresolved,
             "sha256": dataset_fingerprint(dataset),
-            "meta": dataset.meta,
+            "meta": {k: v for k, v in dataset.meta.items() if k != "truth"},  # truth is bulky and private
         },
         "engine": engine_name,
         "index_s": round(index_s, 3),
