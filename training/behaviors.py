@@ -23,20 +23,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from index.corpus import CorpusError
+
 logger = logging.getLogger(__name__)
 
 BEHAVIORS_COLUMNS = 5
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
 
 
-class BehaviorsError(ValueError):
+class BehaviorsError(CorpusError):
     """A row of a behaviors file that is not in the MIND format; the message says file:line and what."""
-
-    def __init__(self, path: Path, line: int, reason: str) -> None:
-        super().__init__(f"{path}:{line}: {reason}")
-        self.path = path
-        self.line = line
-        self.reason = reason
 
 
 @dataclass(slots=True)
