@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import ValidationError
 
@@ -31,10 +31,41 @@ class CorpusError(ValueError):
 
 @dataclass(slots=True)
 class ReadStats:
-    """Filled in while ``read_mind_news`` runs; pass one in to learn what was skipped."""
+    """Filled in while a reader runs; pass one in to learn what was skipped."""
 
     rows: int = 0
     skipped: int = 0
+    errors: list[str] = field(default_factory=list)  # the first few malformed-row messages
+
+
+T = TypeVar("T")
+
+
+def read_rows(path: Path, parse: Callable[[bytes, Path, int], T], *, errors: Literal["raise", "skip"],
+              stats: ReadStats) -> Iterator[T]:
+    """Each non-blank line of ``path`` through ``parse(raw, path, line_no)``; a ``CorpusError``
+    stops the read (``errors="raise"``) or is logged, counted and skipped."""
+    if errors not in ("raise", "skip"):
+        raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
+    # Binary + per-line decoding so a bad byte is reported with its line number.
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            stats.rows += 1
+            try:
+                row = parse(raw, path, line_no)
+            except CorpusError as exc:
+                if errors == "raise":
+                    raise
+                stats.skipped += 1
+                if len(stats.errors) < 5:
+                    stats.errors.append(str(exc))
+                logger.warning("skipping malformed row: %s", exc)
+                continue
+            yield row
+    if stats.skipped:
+        logger.warning("%s: skipped %d of %d rows", path, stats.skipped, stats.rows)
 
 
 def read_mind_news(
@@ -49,25 +80,7 @@ def read_mind_news(
     file:line; ``errors="skip"`` logs the row, counts it in ``stats.skipped`` and goes on.
     Blank lines are ignored. ``published_at`` stays None: MIND has no dates.
     """
-    if errors not in ("raise", "skip"):
-        raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
-    path = Path(path)
-    stats = stats if stats is not None else ReadStats()
-    # Binary + per-line decoding so a bad byte is reported with its line number.
-    with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            stats.rows += 1
-            try:
-                yield _parse_row(raw, path, line_no)
-            except CorpusError as exc:
-                if errors == "raise":
-                    raise
-                stats.skipped += 1
-                logger.warning("skipping malformed row: %s", exc)
-    if stats.skipped:
-        logger.warning("%s: skipped %d of %d rows", path, stats.skipped, stats.rows)
+    yield from read_rows(Path(path), _parse_row, errors=errors, stats=stats if stats is not None else ReadStats())
 
 
 def _parse_row(raw: bytes, path: Path, line_no: int) -> NewsArticle:

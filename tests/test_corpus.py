@@ -69,7 +69,8 @@ def test_skip_mode_logs_and_counts(tmp_path: Path, caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.WARNING, logger="index.corpus"):
         articles = list(read_mind_news(path, errors="skip", stats=stats))
     assert [a.news_id for a in articles] == ["N1", "N3"]
-    assert stats == ReadStats(rows=3, skipped=1)  # the blank line is not a row
+    assert (stats.rows, stats.skipped) == (3, 1)  # the blank line is not a row
+    assert len(stats.errors) == 1 and "news.tsv:2:" in stats.errors[0]
     assert f"{path}:2:" in caplog.text
 
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from index.corpus import CorpusError
+from index.corpus import CorpusError, ReadStats, read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +49,11 @@ class Impression:
 
 
 @dataclass(slots=True)
-class BehaviorsReadStats:
+class BehaviorsReadStats(ReadStats):
     """Filled in while :func:`read_mind_behaviors` runs."""
 
-    rows: int = 0
-    skipped: int = 0  # malformed rows (errors="skip")
     dropped_ids: int = 0  # history/impression ids not in known_news
     kept_ids: int = 0
-    errors: list[str] = field(default_factory=list)  # the first few malformed-row messages
 
 
 def read_mind_behaviors(
@@ -74,35 +71,16 @@ def read_mind_behaviors(
     ``errors="raise"`` stops at the first malformed row with a :class:`BehaviorsError`;
     ``errors="skip"`` logs it, counts it and goes on. Blank lines are ignored.
     """
-    if errors not in ("raise", "skip"):
-        raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
-    path = Path(path)
     stats = stats if stats is not None else BehaviorsReadStats()
-    with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            stats.rows += 1
-            try:
-                imp = parse_behaviors_row(raw, path, line_no)
-            except BehaviorsError as exc:
-                if errors == "raise":
-                    raise
-                stats.skipped += 1
-                if len(stats.errors) < 5:
-                    stats.errors.append(str(exc))
-                logger.warning("skipping malformed row: %s", exc)
-                continue
-            if known_news is not None:
-                before = len(imp.history) + len(imp.impressions)
-                imp.history = [n for n in imp.history if n in known_news]
-                imp.impressions = [(n, c) for n, c in imp.impressions if n in known_news]
-                kept = len(imp.history) + len(imp.impressions)
-                stats.kept_ids += kept
-                stats.dropped_ids += before - kept
-            yield imp
-    if stats.skipped:
-        logger.warning("%s: skipped %d of %d rows", path, stats.skipped, stats.rows)
+    for imp in read_rows(Path(path), parse_behaviors_row, errors=errors, stats=stats):
+        if known_news is not None:
+            before = len(imp.history) + len(imp.impressions)
+            imp.history = [n for n in imp.history if n in known_news]
+            imp.impressions = [(n, c) for n, c in imp.impressions if n in known_news]
+            kept = len(imp.history) + len(imp.impressions)
+            stats.kept_ids += kept
+            stats.dropped_ids += before - kept
+        yield imp
     if known_news is not None and stats.dropped_ids:
         total = stats.dropped_ids + stats.kept_ids
         logger.info("%s: dropped %d of %d news ids not in the known news (%.1f%% kept)", path,
