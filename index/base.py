@@ -38,3 +38,11 @@ class SearchEngine(Protocol):
     async def count(self) -> int: ...
 
     async def close(self) -> None: ...
+
+
+def check_search_args(queries: Sequence[str], k: int, exclude: Sequence[Sequence[str]] | None) -> None:
+    """The argument rules every engine's ``search_many`` shares."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if exclude is not None and len(exclude) != len(queries):
+        raise ValueError(f"exclude has {len(exclude)} entries for {len(queries)} queries")

@@ -83,14 +83,23 @@ def read_mind_news(
     yield from read_rows(Path(path), _parse_row, errors=errors, stats=stats if stats is not None else ReadStats())
 
 
+def split_tsv_row(raw: bytes | str, path: Path, line_no: int, columns: int, error: type[CorpusError] = CorpusError,
+                  names: str = "") -> list[str]:
+    """Decode one MIND row and split it into exactly ``columns`` tab-separated fields."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise error(path, line_no, f"not valid UTF-8: {exc}") from None
+    fields = raw.rstrip("\r\n").split("\t")
+    if len(fields) != columns:
+        named = f" ({names})" if names else ""
+        raise error(path, line_no, f"expected {columns} tab-separated fields{named}, got {len(fields)}")
+    return fields
+
+
 def _parse_row(raw: bytes, path: Path, line_no: int) -> NewsArticle:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CorpusError(path, line_no, f"not valid UTF-8: {exc}") from None
-    fields = text.rstrip("\r\n").split("\t")
-    if len(fields) != MIND_NEWS_COLUMNS:
-        raise CorpusError(path, line_no, f"expected {MIND_NEWS_COLUMNS} tab-separated fields, got {len(fields)}")
+    fields = split_tsv_row(raw, path, line_no, MIND_NEWS_COLUMNS)
     news_id, category, subcategory, title, abstract, url, title_ents, abstract_ents = fields
     labels = _entity_labels(title_ents, "title_entities", path, line_no)
     labels += _entity_labels(abstract_ents, "abstract_entities", path, line_no)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from index.base import Hit
+from index.base import Hit, check_search_args
 from streams.contracts import NewsArticle
 
 logger = logging.getLogger(__name__)
@@ -164,10 +164,7 @@ class DenseIndex:
     def search_many_sync(self, queries: Sequence[str], *, k: int = 10,
                          exclude: Sequence[Sequence[str]] | None = None) -> list[list[Hit]]:
         """One hit list per query, highest cosine first (ties: earlier-indexed article first)."""
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        if exclude is not None and len(exclude) != len(queries):
-            raise ValueError(f"exclude has {len(exclude)} entries for {len(queries)} queries")
+        check_search_args(queries, k, exclude)
         if not queries:
             return []
         n_docs = len(self._ids)

@@ -14,7 +14,7 @@ from typing import Any
 from elasticsearch import AsyncElasticsearch, BadRequestError, NotFoundError
 from elasticsearch.helpers import BulkIndexError, async_bulk
 
-from index.base import Hit
+from index.base import Hit, check_search_args
 from streams.contracts import NewsArticle
 
 logger = logging.getLogger(__name__)
@@ -184,10 +184,7 @@ class ElasticEngine:
         exclude: Sequence[Sequence[str]] | None = None,
     ) -> list[list[Hit]]:
         """All queries in one ``msearch`` round trip; any failed query raises ``SearchError``."""
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        if exclude is not None and len(exclude) != len(queries):
-            raise ValueError(f"exclude has {len(exclude)} entries for {len(queries)} queries")
+        check_search_args(queries, k, exclude)
         if not queries:
             return []
         searches: list[dict[str, Any]] = []

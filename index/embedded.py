@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tantivy
 
-from index.base import Hit
+from index.base import Hit, check_search_args
 from streams.contracts import NewsArticle
 
 logger = logging.getLogger(__name__)
@@ -122,10 +122,7 @@ class EmbeddedEngine:
         exclude: Sequence[Sequence[str]] | None = None,
     ) -> list[list[Hit]]:
         self._check_open()
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        if exclude is not None and len(exclude) != len(queries):
-            raise ValueError(f"exclude has {len(exclude)} entries for {len(queries)} queries")
+        check_search_args(queries, k, exclude)
         searcher = self._index.searcher()  # one snapshot for the whole batch
         results = []
         for i, text in enumerate(queries):

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from index.corpus import CorpusError, ReadStats, read_rows
+from index.corpus import CorpusError, ReadStats, read_rows, split_tsv_row
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +89,8 @@ def read_mind_behaviors(
 
 def parse_behaviors_row(raw: bytes | str, path: Path, line_no: int) -> Impression:
     """One row → :class:`Impression`; a pure function so the format rules are testable alone."""
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise BehaviorsError(path, line_no, f"not valid UTF-8: {exc}") from None
-    fields = raw.rstrip("\r\n").split("\t")
-    if len(fields) != BEHAVIORS_COLUMNS:
-        raise BehaviorsError(path, line_no, f"expected {BEHAVIORS_COLUMNS} tab-separated fields "
-                             f"(impression_id, user_id, time, history, impressions), got {len(fields)}")
+    fields = split_tsv_row(raw, path, line_no, BEHAVIORS_COLUMNS, BehaviorsError,
+                           "impression_id, user_id, time, history, impressions")
     impression_id, user_id, time_text, history_text, impressions_text = (f.strip() for f in fields)
     if not impression_id:
         raise BehaviorsError(path, line_no, "impression_id is empty")
