@@ -160,9 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from training.data_cli import add_data_commands
     from training.eval_cli import add_eval_commands
+    from training.train_cli import add_train_commands
 
     add_data_commands(sub)
     add_eval_commands(sub)
+    add_train_commands(sub)
     return parser
 
 

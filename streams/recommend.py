@@ -35,12 +35,17 @@ class RecommendConfig:
     backfill_signals: int = 2
 
 
+def user_prompt(state: UserState, cfg: RecommendConfig, now: datetime | None = None) -> str:
+    """The model prompt for one user's window: the worker's, the evaluator's and the trainers'."""
+    return build_prompt(state.signals[: cfg.prompt_signals], now=now, max_queries=cfg.max_queries)
+
+
 def generate_queries(model: QueryModel, states: Sequence[UserState], cfg: RecommendConfig,
                      now: datetime | None = None) -> list[list[str]]:
     """One model call for all users: each user's query list (possibly empty).
 
     ``now`` dates the signals' ages in the prompt (offline: the dataset's cutoff)."""
-    prompts = [build_prompt(s.signals[: cfg.prompt_signals], now=now, max_queries=cfg.max_queries) for s in states]
+    prompts = [user_prompt(s, cfg, now=now) for s in states]
     texts = model.generate(prompts, max_new_tokens=cfg.max_new_tokens)
     return [parse_queries(t, max_queries=cfg.max_queries) for t in texts]
 
