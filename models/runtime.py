@@ -1,16 +1,23 @@
-"""ONNX Runtime inference for the student model: batched greedy decoding with a KV cache.
+"""ONNX Runtime inference for the student model: batched decoding with a KV cache.
 
 Decoding is written directly against ``onnxruntime.InferenceSession`` (not
 ORTModelForCausalLM / ``generate``) so a decode step is one ``run`` plus a few numpy ops.
 The KV cache stays in OrtValues bound through IOBinding, so on CUDA it never leaves the GPU.
+
+One decode loop serves both modes; only the per-step token choice differs:
+``generate``/``generate_ids`` pick the argmax (greedy), ``sample`` draws N completions per
+prompt with temperature and nucleus (top-p) sampling, e.g. for best-of-N reranking.
+Sampling uses one seeded RNG per output row, so results depend on ``seed`` but not on how
+rows are split into ONNX batches.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,17 +45,71 @@ _ORT_DTYPES: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class GenerationStats:
-    """Timing of the last ``generate`` call (prefill = first step incl. the prompt)."""
+    """Timing of the last ``generate``/``sample`` call (prefill = first step incl. the prompt).
 
-    batch_size: int
-    prompt_tokens: int  # padded prompt length
-    new_tokens: int  # decode steps actually run
+    A call may run several ONNX batches (``sample`` with ``batch_size``): then sizes are the
+    largest batch's and steps/seconds are summed over batches, so ``total_s`` is the call's time.
+    """
+
+    batch_size: int  # rows per ONNX batch (largest)
+    prompt_tokens: int  # padded prompt length (longest)
+    new_tokens: int  # decode steps actually run (summed over batches)
     prefill_s: float
     decode_s: float
+    batches: int = 1  # ONNX batches run
 
     @property
     def total_s(self) -> float:
         return self.prefill_s + self.decode_s
+
+
+# Picks the next token id per row from last-position logits: (batch, vocab) -> (batch,).
+TokenChooser = Callable[[np.ndarray], np.ndarray]
+
+
+def _greedy(logits: np.ndarray) -> np.ndarray:
+    return logits.argmax(axis=-1)
+
+
+class _Sampler:
+    """Temperature + nucleus sampling with one RNG per row.
+
+    Each row draws exactly one uniform per step from its own Generator, so a row's tokens
+    depend only on its seed and its own logits, not on which other rows share the batch.
+    """
+
+    def __init__(self, rngs: Sequence[np.random.Generator], *, temperature: float, top_p: float) -> None:
+        self.rngs = list(rngs)
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        # float64: a float32 cumsum over a ~50k vocab drifts by ~1e-4, enough to bias the
+        # inverse-CDF draw and the top-p cut; logits are cast before dividing by temperature.
+        scaled = logits.astype(np.float64) / self.temperature
+        scaled -= scaled.max(axis=-1, keepdims=True)
+        probs = np.exp(scaled)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        if self.top_p < 1.0:
+            probs = self._nucleus(probs)
+        # Inverse-CDF draw in vocab order; filtered tokens have zero mass and can never be hit.
+        cum = np.cumsum(probs, axis=-1)
+        target = np.array([rng.random() for rng in self.rngs])[:, None] * cum[:, -1:]
+        first_above = (cum <= target).sum(axis=-1)  # cum is sorted: first index with cum > target
+        # If rounding puts target at the total, nothing exceeds it: cap at the last token with
+        # mass (the first index reaching the total) instead of running off the vocab.
+        last_with_mass = np.argmax(cum >= cum[:, -1:], axis=-1)
+        return np.minimum(first_above, last_with_mass)
+
+    def _nucleus(self, probs: np.ndarray) -> np.ndarray:
+        # Keep a token iff the mass of strictly more likely tokens is still < top_p: the
+        # smallest prefix reaching top_p, and always the top token (its prefix mass is 0).
+        order = np.argsort(-probs, axis=-1, kind="stable")  # stable: ties resolve like argmax
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
+        keep = np.zeros_like(probs, dtype=bool)
+        np.put_along_axis(keep, order, mass_before < self.top_p, axis=-1)
+        return np.where(keep, probs, 0.0)
 
 
 def _session_options(intra_op_threads: int | None) -> ort.SessionOptions:
@@ -223,10 +284,13 @@ class OnnxCausalLM:
         logits, _ = self._run(input_ids, attention_mask, position_ids, self._empty_past(len(prompts)))
         return logits
 
-    def generate_ids(self, prompts: Sequence[str], *, max_new_tokens: int = 48) -> list[list[int]]:
-        """Greedy new token ids per prompt, eos excluded."""
-        if not prompts:
-            return []
+    def _decode(
+        self, prompts: Sequence[str], *, max_new_tokens: int, choose: TokenChooser
+    ) -> tuple[list[list[int]], GenerationStats]:
+        """The shared KV-cache decode loop over one ONNX batch; ``choose`` picks each step's tokens.
+
+        Returns new token ids per prompt (eos excluded) and this batch's stats.
+        """
         batch = len(prompts)
         input_ids, attention_mask = self._encode(prompts)
         prompt_tokens = int(input_ids.shape[1])
@@ -241,7 +305,8 @@ class OnnxCausalLM:
         prefill_s = 0.0
         for step in range(max_new_tokens):
             logits, past = self._run(input_ids, attention_mask, position_ids, past)
-            next_ids = np.where(done, self.pad_id, logits.argmax(axis=-1)).astype(np.int64)
+            # Finished rows keep running (the batch is one tensor) but only emit padding.
+            next_ids = np.where(done, self.pad_id, choose(logits)).astype(np.int64)
             steps.append(next_ids)
             done |= np.isin(next_ids, eos)
             if step == 0:
@@ -252,7 +317,7 @@ class OnnxCausalLM:
             attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             position_ids = position_ids[:, -1:] + 1
         total_s = time.perf_counter() - t0
-        self.last_stats = GenerationStats(
+        stats = GenerationStats(
             batch_size=batch,
             prompt_tokens=prompt_tokens,
             new_tokens=len(steps),
@@ -265,16 +330,103 @@ class OnnxCausalLM:
         for row in tokens.tolist():
             cut = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
             out.append(row[:cut])
+        return out, stats
+
+    def generate_ids(self, prompts: Sequence[str], *, max_new_tokens: int = 48) -> list[list[int]]:
+        """Greedy new token ids per prompt, eos excluded."""
+        if not prompts:
+            return []
+        out, self.last_stats = self._decode(prompts, max_new_tokens=max_new_tokens, choose=_greedy)
         return out
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 48) -> list[str]:
         """Greedy completions (new text only, special tokens stripped), one per prompt."""
         ids = self.generate_ids(prompts, max_new_tokens=max_new_tokens)
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        self._log_stats("generated")
+        return texts
+
+    def sample_ids(
+        self,
+        prompts: Sequence[str],
+        *,
+        n: int = 1,
+        max_new_tokens: int = 48,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        batch_size: int | None = None,
+    ) -> list[list[list[int]]]:
+        """``n`` sampled new-token-id lists per prompt (eos excluded); see ``sample``."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n!r}")
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if not 0 < top_p <= 1:  # also rejects NaN
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {batch_size!r}")
+        if not prompts:
+            return []
+
+        # Row r is copy r % n of prompt r // n; its RNG is child r of the seed, so a row's
+        # draws are the same whatever batch it lands in.
+        rows = [prompt for prompt in prompts for _ in range(n)]
+        rngs = [np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(len(rows))]
+        size = batch_size or len(rows)
+        ids: list[list[int]] = []
+        all_stats: list[GenerationStats] = []
+        for start in range(0, len(rows), size):
+            sampler = _Sampler(rngs[start : start + size], temperature=temperature, top_p=top_p)
+            batch_ids, stats = self._decode(rows[start : start + size], max_new_tokens=max_new_tokens, choose=sampler)
+            ids.extend(batch_ids)
+            all_stats.append(stats)
+        self.last_stats = GenerationStats(
+            batch_size=max(s.batch_size for s in all_stats),
+            prompt_tokens=max(s.prompt_tokens for s in all_stats),
+            new_tokens=sum(s.new_tokens for s in all_stats),
+            prefill_s=sum(s.prefill_s for s in all_stats),
+            decode_s=sum(s.decode_s for s in all_stats),
+            batches=len(all_stats),
+        )
+        return [ids[i : i + n] for i in range(0, len(ids), n)]
+
+    def sample(
+        self,
+        prompts: Sequence[str],
+        *,
+        n: int = 1,
+        max_new_tokens: int = 48,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        batch_size: int | None = None,
+    ) -> list[list[str]]:
+        """``n`` sampled completions per prompt: ``out[i]`` holds the ``n`` texts for ``prompts[i]``.
+
+        Tokens are drawn from softmax(logits / temperature) restricted to the nucleus (the
+        smallest set of most likely tokens with mass >= ``top_p``). The same ``seed`` gives the
+        same outputs (``None``: fresh entropy). The ``n * len(prompts)`` rows run in ONNX
+        batches of at most ``batch_size`` rows (default: one batch); each row has its own RNG,
+        so batching does not change the draws (only float noise from different padding). Raises ValueError for n < 1, temperature <= 0 or top_p outside (0, 1].
+        """
+        ids = self.sample_ids(
+            prompts,
+            n=n,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            batch_size=batch_size,
+        )
+        texts = [self.tokenizer.batch_decode(group, skip_special_tokens=True) for group in ids]
+        self._log_stats(f"sampled n={n}")
+        return texts
+
+    def _log_stats(self, what: str) -> None:
         if self.last_stats is not None:
             s = self.last_stats
             log.debug(
-                "generated batch=%d prompt=%d new=%d in %.3fs (prefill %.3fs)",
-                s.batch_size, s.prompt_tokens, s.new_tokens, s.total_s, s.prefill_s,
+                "%s batch=%d prompt=%d new=%d batches=%d in %.3fs (prefill %.3fs)",
+                what, s.batch_size, s.prompt_tokens, s.new_tokens, s.batches, s.total_s, s.prefill_s,
             )
-        return texts
