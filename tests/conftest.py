@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from uuid import uuid4
 
@@ -49,3 +50,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def small_sim_dataset(mind_news_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 simulated users over the first 300 MIND articles (a corpus MiniLM embeds in seconds)."""
+    from index.corpus import read_mind_news
+    from training.dataset import write_dataset
+    from training.simulate import SimulationConfig, simulate
+
+    lines = list(islice(mind_news_path.open(encoding="utf-8"), 300))
+    path = tmp_path_factory.mktemp("grpo-data")
+    (path / "src.tsv").write_text("".join(lines), encoding="utf-8")
+    news = list(read_mind_news(path / "src.tsv"))
+    events, targets, meta = simulate(news, SimulationConfig(users=12, seed=3, cold_share=0.25))
+    meta.pop("truth", None)
+    write_dataset(path / "data", lines, events, targets, meta)
+    return path / "data"

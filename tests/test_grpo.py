@@ -3,29 +3,12 @@
 from __future__ import annotations
 
 import json
-from itertools import islice
 from pathlib import Path
 
 import pytest
 
-from index.corpus import read_mind_news
-from training.dataset import write_dataset
 from training.grpo import GRPOConfigError, GRPORunConfig, train_grpo
 from training.rewards import REWARD_NAMES
-from training.simulate import SimulationConfig, simulate
-
-
-@pytest.fixture(scope="module")
-def small_dataset(mind_news_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 simulated users over the first 300 MIND articles (a corpus MiniLM embeds in seconds)."""
-    lines = list(islice(mind_news_path.open(encoding="utf-8"), 300))
-    path = tmp_path_factory.mktemp("grpo-data")
-    (path / "src.tsv").write_text("".join(lines), encoding="utf-8")
-    news = list(read_mind_news(path / "src.tsv"))
-    events, targets, meta = simulate(news, SimulationConfig(users=12, seed=3, cold_share=0.25))
-    meta.pop("truth", None)
-    write_dataset(path / "data", lines, events, targets, meta)
-    return path / "data"
 
 
 def _config(tmp_path: Path, dataset: Path, tiny_model_dir: Path, **overrides: object) -> GRPORunConfig:
@@ -37,8 +20,8 @@ def _config(tmp_path: Path, dataset: Path, tiny_model_dir: Path, **overrides: ob
     return GRPORunConfig.from_file(path)
 
 
-def test_two_grpo_steps_end_to_end_then_resume(tmp_path: Path, small_dataset: Path, tiny_model_dir: Path) -> None:
-    cfg = _config(tmp_path, small_dataset, tiny_model_dir)
+def test_two_grpo_steps_end_to_end_then_resume(tmp_path: Path, small_sim_dataset: Path, tiny_model_dir: Path) -> None:
+    cfg = _config(tmp_path, small_sim_dataset, tiny_model_dir)
     summary = train_grpo(cfg, progress=False)
     out = cfg.output_dir
     assert summary["steps"] == 2
@@ -57,7 +40,7 @@ def test_two_grpo_steps_end_to_end_then_resume(tmp_path: Path, small_dataset: Pa
     assert json.loads((out / "eval.json").read_text())["methods"][0]["method"] == method["method"]
 
     # A longer run in the same directory refuses to start unless told to resume, then continues.
-    longer = _config(tmp_path, small_dataset, tiny_model_dir, max_steps=3, evaluate=False, export=False)
+    longer = _config(tmp_path, small_sim_dataset, tiny_model_dir, max_steps=3, evaluate=False, export=False)
     with pytest.raises(GRPOConfigError, match="--resume"):
         train_grpo(longer, progress=False)
     resumed = train_grpo(longer, resume=True, progress=False)

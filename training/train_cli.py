@@ -1,4 +1,4 @@
-"""``newsrec train grpo`` (and, in the study module, ``newsrec study``): training entry points.
+"""``newsrec train grpo`` and ``newsrec study sampling|capacity``: teacher training entry points.
 
 ``add_train_commands(subparsers)`` is wired into ``streams.cli``; handlers return exit codes.
 """
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+RESULTS_DIR = Path("bench-results")
 
 
 def add_train_commands(subparsers: Any) -> None:
@@ -27,6 +29,26 @@ def add_train_commands(subparsers: Any) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=_cmd_grpo)
+
+    p = subparsers.add_parser("study", help="scaling studies of the teacher (JSON + PNG)")
+    sub = p.add_subparsers(dest="study_what", required=True)
+    s = sub.add_parser("sampling", help="inference-time scaling: best-of-N by composite reward, then eval")
+    s.add_argument("--model", required=True, help="ONNX model dir, or 'bootstrap' (prompt-only SmolLM2)")
+    s.add_argument("--data", type=Path, required=True, help="dataset directory")
+    s.add_argument("--n", default="1,2,4,8,16", help="comma-separated sample counts (default 1,2,4,8,16)")
+    s.add_argument("--users", type=int, default=100, help="first N target users (default 100)")
+    s.add_argument("--temperature", type=float, default=0.9)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, default=RESULTS_DIR / "study-sampling.json", help="JSON (PNG beside it)")
+    s.set_defaults(func=_cmd_study_sampling)
+    c = sub.add_parser("capacity", help="the same GRPO run at several teacher depths, each evaluated")
+    c.add_argument("--config", type=Path, required=True, help="GRPO run config (its output_dir is ignored)")
+    c.add_argument("--layers", default="8,16,all", help="comma-separated block counts; 'all' = full model")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    c.add_argument("--out-dir", type=Path, required=True, help="one run directory per depth goes here")
+    c.add_argument("--out", type=Path, default=RESULTS_DIR / "study-capacity.json", help="JSON (PNG beside it)")
+    c.set_defaults(func=_cmd_study_capacity)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -56,4 +78,67 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
 
         print(format_markdown(summary["eval"]))
     print(f"run written to {cfg.output_dir}")
+    return 0
+
+
+def _int_list(text: str, flag: str, *, allow_all: bool = False) -> list[int | None]:
+    from streams.settings import ConfigError
+
+    out: list[int | None] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if allow_all and part == "all":
+            out.append(None)
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            raise ConfigError(f"{flag} expects comma-separated positive integers, got {text!r}") from None
+        if value < 1:
+            raise ConfigError(f"{flag} expects positive integers, got {value}")
+        out.append(value)
+    if not out:
+        raise ConfigError(f"{flag} is empty")
+    return out
+
+
+def _print_points(study: dict[str, Any]) -> None:
+    print("| setting | R@10 | N@10 | cold R@10 | cold N@10 | reward |")
+    print("|---|---|---|---|---|---|")
+    for p in study["points"]:
+        print(f"| {p['label']} | {p['recall@10']:.4f} | {p['ndcg@10']:.4f} | {p['cold_recall@10'] or 0:.4f} | "
+              f"{p['cold_ndcg@10'] or 0:.4f} | {p['reward']:.4f} |")
+
+
+def _cmd_study_sampling(args: argparse.Namespace) -> int:
+    from streams.settings import ConfigError
+    from training.baselines import bootstrap_model_dir
+    from training.dataset import DatasetError, load_dataset
+    from training.study import sampling_study, save_study
+
+    ns = sorted(set(_int_list(args.n, "--n")))  # type: ignore[type-var]
+    model = bootstrap_model_dir() if args.model == "bootstrap" else Path(args.model)
+    if not (model / "manifest.json").is_file():
+        raise ConfigError(f"--model {args.model}: not an exported ONNX model dir (no manifest.json)")
+    try:
+        dataset = load_dataset(args.data)
+        study = sampling_study(dataset, model, ns, users=args.users, temperature=args.temperature, top_p=args.top_p,
+                               seed=args.seed)
+    except (DatasetError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    save_study(study, args.out, args.out.with_suffix(".png"))
+    _print_points(study)
+    print(f"sampling {study['timings']['sampling_s']:.0f} s, reward scoring {study['timings']['scoring_s']:.1f} s; "
+          f"written to {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def _cmd_study_capacity(args: argparse.Namespace) -> int:
+    from training.grpo import GRPORunConfig
+    from training.study import capacity_study, save_study
+
+    base = GRPORunConfig.from_file(args.config, parse_overrides(args.set))
+    study = capacity_study(base, _int_list(args.layers, "--layers", allow_all=True), out_dir=args.out_dir)
+    save_study(study, args.out, args.out.with_suffix(".png"))
+    _print_points(study)
+    print(f"written to {args.out} and {args.out.with_suffix('.png')}")
     return 0

@@ -1,0 +1,169 @@
+"""Scaling studies of the query-writing teacher: inference-time sampling and model capacity.
+
+- ``sampling_study``: best-of-N. Each user's prompt is sampled ``max(N)`` times once; for
+  every N the completion with the best composite reward among the first N is served, then
+  evaluated through the serving path. The selection reward never sees held-out clicks
+  (``utility`` is left out: at inference time there are none), so it is a fair test-time method.
+- ``capacity_study``: the same GRPO run config trained at several depths (the base model cut
+  to its first L blocks), each evaluated the same way.
+
+Both return JSON-ready dicts with one point per setting (metrics, mean reward, compute) and
+draw Recall@10 and reward against compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm import tqdm
+
+from models.prompt import parse_queries
+from streams.recommend import RecommendConfig, user_prompt
+from streams.window import UserState
+from training.dataset import Dataset
+from training.evaluate import EvalConfig, WindowConfig, build_state, dataset_cutoff, run_evaluation
+from training.grpo import GRPORunConfig, train_grpo
+from training.plots import plot_scaling
+from training.rewards import composite_reward
+from training.scoring import RewardScorer
+
+log = logging.getLogger(__name__)
+
+# Test-time selection: the paper's five rewards, uniform (utility needs the future).
+SELECTION_WEIGHTS: Mapping[str, float] = {"align": 1.0, "coverage": 1.0, "specificity": 1.0, "diversity": 1.0,
+                                          "format": 1.0}
+
+
+class PromptKeyedQueries:
+    """A query method serving precomputed query lists, looked up by the user's prompt
+    (the prompt is a pure function of the window, so it identifies what the model saw)."""
+
+    kind: Literal["queries"] = "queries"
+
+    def __init__(self, name: str, by_prompt: Mapping[str, list[str]], version: str | None = None) -> None:
+        self.name = name
+        self.version = version
+        self.by_prompt = dict(by_prompt)
+
+    def queries(self, states: Sequence[UserState], cfg: RecommendConfig, *, now: datetime | None = None
+                ) -> list[list[str]]:
+        return [self.by_prompt[user_prompt(s, cfg, now)] for s in states]
+
+
+def best_of(scores: Sequence[float], n: int) -> int:
+    """Index of the best of the first ``n`` scores (the earliest on ties)."""
+    if n < 1 or n > len(scores):
+        raise ValueError(f"n must be in 1..{len(scores)}, got {n}")
+    return max(range(n), key=lambda i: (scores[i], -i))
+
+
+def sampling_study(dataset: Dataset, model_dir: Path, ns: Sequence[int], *, users: int | None = 100,
+                   temperature: float = 0.9, top_p: float = 1.0, seed: int = 0, batch_users: int = 8,
+                   weights: Mapping[str, float] = SELECTION_WEIGHTS, progress: bool = True) -> dict[str, Any]:
+    from models.runtime import OnnxCausalLM
+
+    if not ns or min(ns) < 1:
+        raise ValueError(f"--n needs positive sample counts, got {list(ns)}")
+    rc = RecommendConfig()
+    chosen_users = dataset.users[:users]
+    window = WindowConfig.worker_defaults()
+    now = dataset_cutoff(dataset)
+    states = [build_state(dataset.events.get(u, ()), window) for u in chosen_users]
+    prompts = [user_prompt(s, rc, now) for s in states]
+    scorer = RewardScorer(dataset.news)
+    contexts = [scorer.context(s, prompt_signals=rc.prompt_signals) for s in states]
+    lm = OnnxCausalLM(model_dir)
+    top = max(ns)
+
+    t0 = time.perf_counter()
+    samples: list[list[str]] = []
+    tokens: list[list[int]] = []
+    for start in tqdm(range(0, len(prompts), batch_users), desc=f"sampling {top}/user", disable=not progress):
+        chunk = prompts[start: start + batch_users]
+        ids = lm.sample_ids(chunk, n=top, max_new_tokens=rc.max_new_tokens, temperature=temperature, top_p=top_p,
+                            seed=seed + start)
+        tokens += [[len(x) for x in per_prompt] for per_prompt in ids]
+        samples += [[lm.tokenizer.decode(x, skip_special_tokens=True) for x in per_prompt] for per_prompt in ids]
+    sample_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    composite = []
+    for ctx, texts in zip(contexts, samples, strict=True):
+        rows = scorer.score(texts, [ctx] * len(texts))
+        composite.append([composite_reward(r, weights) for r in rows])
+    score_s = time.perf_counter() - t1
+    greedy = lm.generate(prompts, max_new_tokens=rc.max_new_tokens)
+    greedy_scores = [composite_reward(r, weights) for r in scorer.score(greedy, contexts)]
+    scorer.close()
+
+    methods = [PromptKeyedQueries("greedy", {p: parse_queries(g, max_queries=rc.max_queries)
+                                             for p, g in zip(prompts, greedy, strict=True)}, lm.version)]
+    picks: dict[int, list[int]] = {}
+    for n in ns:
+        picks[n] = [best_of(s, n) for s in composite]
+        by_prompt = {p: parse_queries(texts[i], max_queries=rc.max_queries)
+                     for p, texts, i in zip(prompts, samples, picks[n], strict=True)}
+        methods.append(PromptKeyedQueries(f"best-of-{n}", by_prompt, lm.version))
+    results = run_evaluation(dataset, methods, EvalConfig(samples=len(chosen_users), keep_per_user=False,
+                                                          progress=progress))
+    mean_tokens = sum(map(sum, tokens)) / max(1, sum(map(len, tokens)))
+    points = [_point("greedy", 1, results["methods"][0], sum(greedy_scores) / len(greedy_scores), mean_tokens)]
+    for n, method in zip(ns, results["methods"][1:], strict=True):
+        reward = sum(s[i] for s, i in zip(composite, picks[n], strict=True)) / len(composite)
+        points.append(_point(f"N={n}", n, method, reward, n * mean_tokens) | {"n": n})
+    return {"study": "sampling", "model": str(model_dir), "model_version": lm.version,
+            "users": len(chosen_users), "temperature": temperature, "top_p": top_p, "seed": seed,
+            "selection_weights": dict(weights), "mean_completion_tokens": round(mean_tokens, 1),
+            "timings": {"sampling_s": round(sample_s, 1), "scoring_s": round(score_s, 1)},
+            "points": points, "eval": results}
+
+
+def _point(label: str, n: int, method: Mapping[str, Any], reward: float, tokens_per_user: float) -> dict[str, Any]:
+    overall, cold = method["overall"], method["cold"]
+    return {"label": label, "samples": n, "tokens_per_user": round(tokens_per_user, 1),
+            "reward": round(reward, 4), "recall@10": overall["recall@10"], "ndcg@10": overall["ndcg@10"],
+            "cold_recall@10": cold.get("recall@10"), "cold_ndcg@10": cold.get("ndcg@10")}
+
+
+def capacity_study(base: GRPORunConfig, layers: Sequence[int | None], *, out_dir: Path,
+                   progress: bool = True) -> dict[str, Any]:
+    """Train ``base`` once per depth (``None`` = the full model) into ``out_dir/layers-<L>``.
+
+    A depth whose run finished (``run.json``) is reused; an interrupted one resumes."""
+    import json
+
+    if base.eval_data is None:
+        raise ValueError("the capacity study evaluates every size: the run config needs eval_data")
+    points, runs = [], []
+    for depth in layers:
+        name = f"layers-{depth or 'all'}"
+        cfg = replace(base, layers=depth, output_dir=out_dir / name, export=True, evaluate=True)
+        done = cfg.output_dir / "run.json"
+        if done.is_file():
+            summary = json.loads(done.read_text())
+        else:
+            summary = train_grpo(cfg, resume=cfg.output_dir.exists(), progress=progress)
+        reward = composite_reward(summary["final_rewards"], base.reward_weights)
+        # Every size trains on the same prompts for the same steps, so compute ~ parameters.
+        point = _point(name, 1, summary["eval"]["methods"][0], reward, 0.0)
+        points.append(point | {"layers": depth, "parameters": summary["parameters"], "train_s": summary["train_s"]})
+        runs.append(summary)
+    return {"study": "capacity", "base_config": base.to_json(), "points": points, "runs": runs}
+
+
+def save_study(study: dict[str, Any], json_path: Path, png_path: Path) -> None:
+    import json
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(study, indent=2, default=str))
+    if study["study"] == "sampling":
+        plot_scaling(study["points"], png_path, x="tokens_per_user", x_label="generated tokens per user (log)",
+                     title=f"best-of-N sampling ({study['users']} users)")
+    else:
+        plot_scaling(study["points"], png_path, x="parameters", x_label="teacher parameters (log)",
+                     title="teacher capacity (same GRPO budget)")
