@@ -1,4 +1,4 @@
-"""``newsrec train grpo`` and ``newsrec study sampling|capacity``: teacher training entry points.
+"""``newsrec train grpo|warmstart`` and ``newsrec study sampling|capacity``: teacher training entry points.
 
 ``add_train_commands(subparsers)`` is wired into ``streams.cli``; handlers return exit codes.
 """
@@ -29,6 +29,19 @@ def add_train_commands(subparsers: Any) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=_cmd_grpo)
+    w = sub.add_parser(
+        "warmstart", help="short SFT warm start on the query-list format (TRL SFTTrainer), before GRPO",
+        description="Fine-tune the base model on rule-made query lists from each user's own window "
+                    "(see training/warmstart.py); point a GRPO config's base_model at --out.")
+    w.add_argument("--data", type=Path, required=True, help="training dataset directory")
+    w.add_argument("--out", type=Path, required=True, help="HF model directory to write")
+    w.add_argument("--base-model", default="smollm2", help="'smollm2' (bundled) or a HF model dir")
+    w.add_argument("--users", type=int, default=256)
+    w.add_argument("--epochs", type=float, default=1.0)
+    w.add_argument("--lr", type=float, default=5e-5)
+    w.add_argument("--threads", type=int, default=None)
+    w.add_argument("--no-progress", action="store_true")
+    w.set_defaults(func=_cmd_warmstart)
 
     p = subparsers.add_parser("study", help="scaling studies of the teacher (JSON + PNG)")
     sub = p.add_subparsers(dest="study_what", required=True)
@@ -78,6 +91,21 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
 
         print(format_markdown(summary["eval"]))
     print(f"run written to {cfg.output_dir}")
+    return 0
+
+
+def _cmd_warmstart(args: argparse.Namespace) -> int:
+    from streams.settings import ConfigError
+    from training.warmstart import WarmStartConfig, warm_start
+
+    try:
+        cfg = WarmStartConfig(args.data, args.out, base_model=args.base_model, users=args.users, epochs=args.epochs,
+                              learning_rate=args.lr, threads=args.threads)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    summary = warm_start(cfg, progress=not args.no_progress)
+    print(f"warm start: {summary['examples']} examples, {summary['steps']} steps, loss {summary['first_loss']:.3f} -> "
+          f"{summary['last_loss']:.3f} in {summary['wall_s']:.0f} s; model in {args.out}")
     return 0
 
 
