@@ -321,7 +321,8 @@ def train_grpo(cfg: GRPORunConfig, *, resume: bool = False, progress: bool = Tru
 
     plot_reward_curves(history, out / "rewards.png", title=f"GRPO rewards ({out.name})")
     if cfg.export:
-        summary["onnx"] = str(export_run(cfg, final, out / "onnx", base_dir))
+        summary["onnx"] = str(export_run(final, out / "onnx", name=f"grpo-teacher-{out.name}",
+                                         version=f"grpo-{out.name}", parent=base_dir.name))
     if cfg.evaluate and cfg.eval_data is not None:
         summary["eval"] = evaluate_run(out / "onnx", cfg.eval_data, users=cfg.eval_users,
                                        name=f"grpo:{out.name}", progress=progress)
@@ -341,11 +342,11 @@ def _final_rewards(history: Sequence[Mapping[str, Any]], last: int = 10) -> dict
     return out
 
 
-def export_run(cfg: GRPORunConfig, final: Path, onnx_dir: Path, base_dir: Path) -> Path:
+def export_run(final: Path, onnx_dir: Path, *, name: str, version: str, parent: str | None) -> Path:
+    """Export a trained HF model dir to a parity-validated ONNX model dir (refuses on a mismatch)."""
     from models.export import export_onnx
 
-    export_onnx(final, onnx_dir, name=f"grpo-teacher-{cfg.output_dir.name}", version=f"grpo-{cfg.output_dir.name}",
-                parent=base_dir.name, overwrite=True)
+    export_onnx(final, onnx_dir, name=name, version=version, parent=parent, overwrite=True)
     return onnx_dir
 
 

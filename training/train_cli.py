@@ -1,4 +1,4 @@
-"""``newsrec train grpo|warmstart`` and ``newsrec study sampling|capacity``: teacher training entry points.
+"""``newsrec train grpo|warmstart``, ``newsrec distill`` and ``newsrec study sampling|capacity``: teacher training entry points.
 
 ``add_train_commands(subparsers)`` is wired into ``streams.cli``; handlers return exit codes.
 """
@@ -42,6 +42,25 @@ def add_train_commands(subparsers: Any) -> None:
     w.add_argument("--threads", type=int, default=None)
     w.add_argument("--no-progress", action="store_true")
     w.set_defaults(func=_cmd_warmstart)
+
+    d = subparsers.add_parser(
+        "distill", help="distil a teacher into a smaller student (on-policy reverse KL, or supervised)",
+        description="On-policy distillation with TRL's DistillationTrainer (GKD lmbda=1, beta=1), or the "
+                    "supervised baseline (SFT on teacher outputs); exports and evaluates the student.")
+    d.add_argument("--teacher", type=Path, required=True, help="teacher HF model dir (e.g. <grpo run>/final)")
+    d.add_argument("--student-layers", type=int, required=True, help="student = the teacher's first N blocks")
+    d.add_argument("--data", type=Path, required=True, help="training dataset directory (prompts only)")
+    d.add_argument("--out", type=Path, required=True, help="run directory to create")
+    d.add_argument("--method", choices=["on-policy", "supervised"], default="on-policy")
+    d.add_argument("--users", type=int, default=256, help="training prompts: the first N target users")
+    d.add_argument("--steps", type=int, default=50)
+    d.add_argument("--batch-size", type=int, default=8, help="prompts per step")
+    d.add_argument("--lr", type=float, default=5e-5)
+    d.add_argument("--eval-data", type=Path, default=None)
+    d.add_argument("--eval-users", type=int, default=None)
+    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=_cmd_distill)
 
     p = subparsers.add_parser("study", help="scaling studies of the teacher (JSON + PNG)")
     sub = p.add_subparsers(dest="study_what", required=True)
@@ -106,6 +125,25 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
     summary = warm_start(cfg, progress=not args.no_progress)
     print(f"warm start: {summary['examples']} examples, {summary['steps']} steps, loss {summary['first_loss']:.3f} -> "
           f"{summary['last_loss']:.3f} in {summary['wall_s']:.0f} s; model in {args.out}")
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from training.distill import DistillConfig, distill
+
+    cfg = DistillConfig(teacher=args.teacher, train_data=args.data, output_dir=args.out,
+                        student_layers=args.student_layers, method=args.method, train_users=args.users,
+                        eval_data=args.eval_data, eval_users=args.eval_users, max_steps=args.steps,
+                        batch_size=args.batch_size, learning_rate=args.lr, threads=args.threads)
+    summary = distill(cfg, progress=not args.no_progress)
+    losses = summary["losses"]
+    print(f"{cfg.method} distillation: {len(losses)} logged steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+          f"in {summary['train_s']:.0f} s; student {summary['student_parameters'] / 1e6:.1f}M parameters")
+    if "eval" in summary:
+        from training.evaluate import format_markdown
+
+        print(format_markdown(summary["eval"]))
+    print(f"run written to {cfg.output_dir}")
     return 0
 
 

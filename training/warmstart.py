@@ -97,12 +97,37 @@ def demonstrations(cfg: WarmStartConfig, recommend: RecommendConfig) -> list[dic
     return rows
 
 
-def warm_start(cfg: WarmStartConfig, *, progress: bool = True) -> dict[str, Any]:
-    """SFT ``base_model`` on the demonstrations (loss on the completion only); saves ``output_dir``."""
+def sft(model, tokenizer, rows: Sequence[Mapping[str, str]], out_dir: Path, *, epochs: float, learning_rate: float,  # type: ignore[no-untyped-def]
+        batch_size: int, seed: int, max_steps: int = -1, progress: bool = True) -> dict[str, Any]:
+    """TRL SFT on prompt/completion rows (loss on the completion only); saves model + tokenizer in ``out_dir``.
+
+    ``max_steps`` > 0 overrides ``epochs``."""
     import torch
     from datasets import Dataset as HFDataset
-    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        output_dir=str(out_dir / "sft-checkpoints"), num_train_epochs=epochs, max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate, lr_scheduler_type="cosine", completion_only_loss=True, logging_steps=1,
+        save_strategy="no", report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(), bf16=False,
+        disable_tqdm=not progress, eos_token=tokenizer.eos_token,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=HFDataset.from_list(list(rows)),
+                         processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(out_dir))
+    tokenizer.save_pretrained(out_dir)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"examples": len(rows), "steps": trainer.state.global_step,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "history": list(trainer.state.log_history)}
+
+
+def warm_start(cfg: WarmStartConfig, *, progress: bool = True) -> dict[str, Any]:
+    """SFT ``base_model`` on the demonstrations; saves ``output_dir`` (+ ``warmstart.json``)."""
+    import torch
+    from transformers import AutoTokenizer
 
     from training.grpo import load_policy, resolve_base_model
 
@@ -114,22 +139,10 @@ def warm_start(cfg: WarmStartConfig, *, progress: bool = True) -> dict[str, Any]
         raise ValueError(f"{cfg.train_data}: no user window yields {cfg.min_queries}+ distinct query phrases")
     base_dir = resolve_base_model(cfg.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = load_policy(base_dir)
-    args = SFTConfig(
-        output_dir=str(cfg.output_dir / "sft-checkpoints"), num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, lr_scheduler_type="cosine",
-        completion_only_loss=True, logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed,
-        use_cpu=not torch.cuda.is_available(), bf16=False, disable_tqdm=not progress,
-        eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token,
-    )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=HFDataset.from_list(rows), processing_class=tokenizer)
-    trainer.train()
-    trainer.save_model(str(cfg.output_dir))
-    tokenizer.save_pretrained(cfg.output_dir)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    summary = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "examples": len(rows),
-               "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
-               "last_loss": losses[-1] if losses else None, "wall_s": round(time.perf_counter() - started, 1),
-               "example": rows[0]}
+    result = sft(load_policy(base_dir), tokenizer, rows, cfg.output_dir, epochs=cfg.epochs,
+                 learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
+    summary = {"config": json.loads(json.dumps(asdict(cfg), default=str)),
+               **{k: v for k, v in result.items() if k != "history"},
+               "wall_s": round(time.perf_counter() - started, 1), "example": rows[0]}
     (cfg.output_dir / "warmstart.json").write_text(json.dumps(summary, indent=2))
     return summary

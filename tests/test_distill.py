@@ -1,0 +1,38 @@
+"""Distillation: tiny teacher -> tiny student, 2 steps of each method, exported and evaluated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from streams.settings import ConfigError
+from training.distill import DistillConfig, distill
+
+
+@pytest.mark.parametrize("method", ["on-policy", "supervised"])
+def test_tiny_distillation_two_steps(method: str, small_sim_dataset: Path, tiny_model_dir: Path,
+                                     tmp_path: Path) -> None:
+    teacher = tiny_model_dir.parent / "hf"
+    cfg = DistillConfig(teacher=teacher, train_data=small_sim_dataset, output_dir=tmp_path / method,
+                        student_layers=1, method=method, train_users=6, eval_data=small_sim_dataset, eval_users=4,
+                        max_steps=2, batch_size=2, max_completion_length=8, threads=2)
+    summary = distill(cfg, progress=False)
+    assert summary["teacher_layers"] == 2
+    assert len(summary["losses"]) == 2 and all(loss == loss for loss in summary["losses"])  # 2 steps, no NaN
+    student_cfg = json.loads((cfg.output_dir / "final" / "config.json").read_text())
+    assert student_cfg["num_hidden_layers"] == 1
+    manifest = json.loads((cfg.output_dir / "onnx" / "manifest.json").read_text())
+    assert manifest["parent"] == teacher.name
+    assert summary["eval"]["methods"][0]["timings"]["users"] == 4
+    with pytest.raises(ConfigError, match="not empty"):
+        distill(cfg, progress=False)
+
+
+def test_bad_distill_config() -> None:
+    with pytest.raises(ConfigError, match="student_layers"):
+        DistillConfig(teacher=Path("t"), train_data=Path("d"), output_dir=Path("o"), student_layers=0)
+    with pytest.raises(ConfigError, match="method"):
+        DistillConfig(teacher=Path("t"), train_data=Path("d"), output_dir=Path("o"), student_layers=1,
+                      method="offline")  # type: ignore[arg-type]

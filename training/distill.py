@@ -1,0 +1,175 @@
+"""Distil the GRPO teacher into a compact student (arXiv:2602.15005, section on distillation).
+
+- ``on-policy`` (the paper's method): TRL ``DistillationTrainer`` — the student samples
+  completions for the worker's prompts, the teacher scores every token, and the loss is the
+  reverse KL (``beta=1``) on the student's own rollouts. This is GKD with ``lmbda=1, beta=1``;
+  TRL itself points that setting to ``DistillationTrainer``.
+- ``supervised`` (the ablation baseline): the teacher writes one greedy completion per
+  training prompt, and the student is fine-tuned on them (TRL ``SFTTrainer``).
+
+The student is the teacher cut to its first ``student_layers`` blocks (same tokenizer,
+initialised from the teacher's weights). A run writes ``final/``, ``onnx/`` (parity-validated
+export, parent = the teacher), ``train_log.jsonl``, ``eval.json`` and ``run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from streams.recommend import RecommendConfig, user_prompt
+from streams.settings import ConfigError
+from training.dataset import load_dataset
+from training.evaluate import WindowConfig, build_state, dataset_cutoff
+
+log = logging.getLogger(__name__)
+
+Method = Literal["on-policy", "supervised"]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: Path  # HF model dir (e.g. a GRPO run's final/)
+    train_data: Path
+    output_dir: Path
+    student_layers: int
+    method: Method = "on-policy"
+    train_users: int | None = 256
+    eval_data: Path | None = None
+    eval_users: int | None = None
+    max_steps: int = 50
+    batch_size: int = 8  # prompts per step
+    learning_rate: float = 5e-5
+    max_completion_length: int = RecommendConfig().max_new_tokens
+    temperature: float = 1.0  # on-policy sampling and the KL's temperature
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.method not in ("on-policy", "supervised"):
+            problems.append(f"method: {self.method!r} is not 'on-policy' or 'supervised'")
+        for name in ("student_layers", "max_steps", "batch_size", "max_completion_length"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be at least 1")
+        if self.train_users is not None and self.train_users < 1:
+            problems.append("train_users: must be positive or None (all)")
+        if not 0 < self.learning_rate < 1:
+            problems.append(f"learning_rate: expected a small positive number such as 5e-5, got {self.learning_rate}")
+        if self.temperature <= 0:
+            problems.append("temperature: must be > 0")
+        if problems:
+            raise ConfigError("bad distillation config:\n  - " + "\n  - ".join(problems))
+
+
+def training_prompts(data: Path, users: int | None) -> list[str]:
+    """The worker's prompt for each target user (window at the dataset cutoff)."""
+    dataset = load_dataset(data)
+    window, now, rc = WindowConfig.worker_defaults(), dataset_cutoff(dataset), RecommendConfig()
+    return [user_prompt(build_state(dataset.events.get(u, ()), window), rc, now) for u in dataset.users[:users]]
+
+
+def teacher_completions(teacher_dir: Path, prompts: list[str], *, max_new_tokens: int, batch_size: int = 16,
+                        progress: bool = True) -> list[str]:
+    """Greedy teacher outputs (HF generate, left padding) for the supervised baseline."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    out: list[str] = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(prompts), batch_size), desc="teacher outputs", disable=not progress):
+            enc = tokenizer(prompts[start: start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def distill(cfg: DistillConfig, *, progress: bool = True) -> dict[str, Any]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from training.grpo import evaluate_run, export_run, load_policy
+
+    started = time.perf_counter()
+    out = cfg.output_dir
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"output_dir {out} is not empty: pick a new directory")
+    if not (cfg.teacher / "config.json").is_file():
+        raise ConfigError(f"teacher {cfg.teacher}: no config.json (pass a HF model dir, e.g. a GRPO run's final/)")
+    out.mkdir(parents=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    prompts = training_prompts(cfg.train_data, cfg.train_users)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
+    student = load_policy(cfg.teacher, layers=cfg.student_layers)
+    teacher_layers = int(json.loads((cfg.teacher / "config.json").read_text())["num_hidden_layers"])
+    final = out / "final"
+    t0 = time.perf_counter()
+    if cfg.method == "on-policy":
+        history = _on_policy(cfg, student, tokenizer, prompts, final, progress)
+    else:
+        completions = teacher_completions(cfg.teacher, prompts, max_new_tokens=cfg.max_completion_length,
+                                          progress=progress)
+        history = _supervised(cfg, student, tokenizer, prompts, completions, final, progress)
+    train_s = time.perf_counter() - t0
+    with (out / "train_log.jsonl").open("w") as fh:
+        for row in history:
+            fh.write(json.dumps(row) + "\n")
+    summary: dict[str, Any] = {
+        "config": json.loads(json.dumps(asdict(cfg), default=str)), "prompts": len(prompts),
+        "teacher_layers": teacher_layers, "student_parameters": sum(p.numel() for p in student.parameters()),
+        "train_s": round(train_s, 1), "losses": [r["loss"] for r in history if "loss" in r],
+    }
+    summary["onnx"] = str(export_run(final, out / "onnx", name=f"student-{out.name}", version=f"student-{out.name}",
+                                     parent=cfg.teacher.name if cfg.teacher.name != "final" else cfg.teacher.parent.name))
+    if cfg.eval_data is not None:
+        summary["eval"] = evaluate_run(out / "onnx", cfg.eval_data, users=cfg.eval_users,
+                                       name=f"{cfg.method}:{out.name}", progress=progress)
+        (out / "eval.json").write_text(json.dumps(summary["eval"], indent=2, default=str))
+    summary["wall_s"] = round(time.perf_counter() - started, 1)
+    (out / "run.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _on_policy(cfg: DistillConfig, student, tokenizer, prompts: list[str], final: Path,  # type: ignore[no-untyped-def]
+               progress: bool) -> list[dict[str, Any]]:
+    import torch
+    from datasets import Dataset as HFDataset
+    from transformers import AutoModelForCausalLM
+    from trl import DistillationConfig, DistillationTrainer
+
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32).eval()
+    args = DistillationConfig(
+        output_dir=str(cfg.output_dir / "checkpoints"), beta=1.0, temperature=cfg.temperature,
+        max_completion_length=cfg.max_completion_length, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, max_steps=cfg.max_steps, logging_steps=1, save_strategy="no",
+        report_to=[], seed=cfg.seed, use_cpu=not torch.cuda.is_available(), bf16=False, disable_tqdm=not progress,
+    )
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                  train_dataset=HFDataset.from_list([{"prompt": p} for p in prompts]),
+                                  processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(final))
+    tokenizer.save_pretrained(final)
+    return list(trainer.state.log_history)
+
+
+def _supervised(cfg: DistillConfig, student, tokenizer, prompts: list[str], completions: list[str],  # type: ignore[no-untyped-def]
+                final: Path, progress: bool) -> list[dict[str, Any]]:
+    from training.warmstart import sft
+
+    rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True) if c.strip()]
+    # As many optimizer steps as the on-policy run, so the two methods get the same budget.
+    result = sft(student, tokenizer, rows, final, epochs=1.0, max_steps=cfg.max_steps,
+                 learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
+    return result["history"]
