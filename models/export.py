@@ -1,10 +1,11 @@
 """Export a HF causal LM to a validated, manifested ONNX model dir.
 
-Pipeline: optimum export (merged decoder with KV cache) into a staging dir next to
-``out_dir`` -> tokenizer files -> parity check against torch -> manifest -> rename into
-place. Nothing is published unless parity holds, so a served dir is always a checked one.
-Later steps (e.g. int8 quantisation) slot in between export and validation, with their own
-tolerance in ``ExportSettings``.
+Pipeline: optimum export (decoder with KV cache) into a staging dir next to ``out_dir`` ->
+tokenizer files -> parity check against torch (last-position logits within tolerance and
+identical greedy tokens on fixed prompts) -> manifest -> rename into place. Nothing is
+published unless parity holds, so a served dir is always a checked one. ``publishing`` and
+``export_info`` are shared with derived models (``models.quantize``: int8 from a published
+fp32 dir), which are checked against their parent the same way before they are published.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,7 +112,9 @@ def keep_last_position_logits(model_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    model = onnx.load(str(model_path))
+    # Weights stay where they are: a >2 GB export keeps its external data file, and the
+    # rewritten graph still points at it.
+    model = onnx.load(str(model_path), load_external_data=False)
     producers = [n for n in model.graph.node if "logits" in n.output]
     if len(producers) != 1 or producers[0].op_type != "MatMul":
         raise ExportValidationError(f"unexpected logits producer in {model_path}: {[n.op_type for n in producers]}")
@@ -128,7 +133,7 @@ def keep_last_position_logits(model_path: Path) -> None:
     onnx.save(model, str(model_path))
 
 
-def _copy_tokenizer(hf_model_dir: Path, staging: Path) -> None:
+def copy_tokenizer(hf_model_dir: Path, staging: Path) -> None:
     for name in TOKENIZER_FILES:
         src = hf_model_dir / name
         if src.is_file() and not (staging / name).is_file():
@@ -197,6 +202,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def export_info(settings: dict[str, Any], source: Path, model_path: Path) -> dict[str, Any]:
+    """The manifest's ``export`` section: how a model dir was made, and with what."""
+    return settings | {"source": str(source), "opset_used": _onnx_opset(model_path), "versions": _versions()}
+
+
 def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists():
         if not overwrite:
@@ -207,6 +217,25 @@ def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(out_dir)
+
+
+@contextmanager
+def publishing(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty staging dir; if the block succeeds it becomes ``out_dir``, else it is removed."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists and is not empty (pass overwrite=True)")
+    if out_dir.exists() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Staging lives next to out_dir so publishing is a same-filesystem rename.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it 0700; the published dir must be readable by servers
+    try:
+        yield staging
+        _publish(staging, out_dir, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_onnx(
@@ -222,30 +251,15 @@ def export_onnx(
     """Export, validate and publish ``hf_model_dir`` as an ONNX model dir at ``out_dir``."""
     settings = settings or ExportSettings()
     hf_model_dir, out_dir = Path(hf_model_dir), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists and is not empty (pass overwrite=True)")
-    if out_dir.exists() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Staging lives next to out_dir so publishing is a same-filesystem rename.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it 0700; the published dir must be readable by servers
-    try:
+    with publishing(out_dir, overwrite=overwrite) as staging:
         t0 = time.perf_counter()
         _run_optimum_export(hf_model_dir, staging, settings)
-        _copy_tokenizer(hf_model_dir, staging)
+        copy_tokenizer(hf_model_dir, staging)
         t1 = time.perf_counter()
         metrics = validate_parity(hf_model_dir, staging, settings)
         t2 = time.perf_counter()
         metrics |= {"export_s": round(t1 - t0, 2), "validation_s": round(t2 - t1, 2)}
-        export_info = asdict(settings) | {
-            "source": str(hf_model_dir),
-            "opset_used": _onnx_opset(staging / MODEL_FILE),
-            "versions": _versions(),
-        }
-        manifest = write_manifest(staging, name, version, parent=parent, export=export_info, metrics=metrics)
-        _publish(staging, out_dir, overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        info = export_info(asdict(settings), hf_model_dir, staging / MODEL_FILE)
+        manifest = write_manifest(staging, name, version, parent=parent, export=info, metrics=metrics)
     log.info("published %s %s to %s (export %.1fs, validation %.1fs)", name, version, out_dir, t1 - t0, t2 - t1)
     return manifest

@@ -9,6 +9,9 @@ Data flow (all topics keyed by user_id):
     <app>-refresh-done ──► on_refresh_done: store the latest recommendation, clear the
                     user's pending trigger (state tables are only written inside streams,
                     so the completion is routed back through the user's own partition)
+    model-updates ──► model_updates task (every worker reads all of it, no group): verify,
+                    load and warm an announced model in a thread, swap it in between
+                    batches, or keep the current one (see streams/rollout.py)
 
 A refresh is pending in the table until its recommendation is published, so after a
 crash the pending sweep publishes it again (at-least-once; duplicates share the same
@@ -30,10 +33,11 @@ import faust
 from faust.web import Request, Response, View
 
 from index.base import SearchEngine
-from streams.contracts import Recommendation, RecItem, dead_letter, parse_event
+from streams.contracts import DeadLetter, Recommendation, RecItem, dead_letter, parse_event
 from streams.metrics import Metrics
 from streams.recommend import QueryModel, RecommendConfig, generate_queries, retrieve
 from streams.refresh import Refresh, RefreshQueue
+from streams.rollout import ActiveModel, Loader, follow_model_updates, update_consumer, version_of
 from streams.settings import WorkerSettings
 from streams.window import UserState, apply_event, complete_refresh
 
@@ -48,7 +52,7 @@ class Worker:
 
     app: faust.App
     settings: WorkerSettings
-    model: QueryModel
+    active_model: ActiveModel
     engine: SearchEngine
     queue: RefreshQueue
     metrics: Metrics
@@ -89,7 +93,8 @@ def _faust_broker_options(settings: WorkerSettings) -> dict[str, Any]:
     return opts
 
 
-def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEngine) -> Worker:
+def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEngine, loader: Loader) -> Worker:
+    """``model`` serves until a rollout swaps in an announced one, loaded with ``loader``."""
     partitions = settings.topic_partitions
     datadir = settings.state_dir / "faust" / settings.app_id
     datadir.mkdir(parents=True, exist_ok=True)
@@ -117,9 +122,9 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
     users = app.Table("users", default=None, partitions=partitions, key_type=str)
     latest = app.Table("latest", default=None, partitions=partitions, key_type=str)
 
-    worker = Worker(app, settings, model, engine, RefreshQueue(settings.refresh_min_interval_s), Metrics(),
-                    users, latest, recommendations, refresh_done)
-    metrics, queue = worker.metrics, worker.queue
+    worker = Worker(app, settings, ActiveModel(model), engine, RefreshQueue(settings.refresh_min_interval_s),
+                    Metrics(), users, latest, recommendations, refresh_done)
+    metrics, queue, active_model = worker.metrics, worker.queue, worker.active_model
 
     @app.agent(events)
     async def on_event(stream: faust.StreamT) -> None:
@@ -159,6 +164,14 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
     async def refresher() -> None:
         await run_refresher(worker)
 
+    async def dead_letter_model_update(key: bytes | None, letter: DeadLetter) -> None:
+        await dlq.send(key=key, value=letter.to_json_bytes())
+
+    @app.task
+    async def model_updates() -> None:
+        await follow_model_updates(update_consumer(settings), settings.topic_model_updates, active_model, loader,
+                                   metrics, dead_letter_model_update)
+
     @app.timer(interval=settings.pending_sweep_interval_s)
     async def sweep_pending() -> None:
         active = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == settings.topic_events}
@@ -182,13 +195,13 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
     async def health(web: Any, request: Request) -> Response:
         # Ready = partitions assigned and tables recovered: before that, events wait unread.
         ready = bool(app.consumer.assignment()) and not app.rebalancing and app.tables.recovery.completed.is_set()
-        body = {"status": "ok" if ready else "starting", "model_version": model.version, "engine": engine.name,
+        body = {"status": "ok" if ready else "starting", **active_model.status(), "engine": engine.name,
                 "documents": await engine.count(), "assigned_partitions": len(app.consumer.assignment())}
         return web.json(body, status=200 if ready else 503)
 
     @app.page("/stats")
     async def stats(web: Any, request: Request) -> Response:
-        snap = metrics.snapshot() | {"queued": len(queue), "in_flight": queue.in_flight}
+        snap = metrics.snapshot() | {"queued": len(queue), "in_flight": queue.in_flight} | active_model.status()
         return web.json(snap)
 
     return worker
@@ -280,17 +293,19 @@ class Generated:
     batch: list[Refresh]
     states: list[UserState]
     queries: list[list[str]]
+    model_version: str  # of the model that wrote these queries, not whichever is active at publish
 
 
 async def generate_batch(worker: Worker, batch: list[Refresh], executor: ThreadPoolExecutor) -> Generated:
     """One model call for the whole batch: each user's window → prompt → query list."""
     states = [UserState.from_json(worker.users.get(r.user_id)) for r in batch]
+    model = worker.active_model.current  # read once: a rollout swap never splits a batch
     t0 = time.perf_counter()
     queries = await asyncio.get_running_loop().run_in_executor(
-        executor, generate_queries, worker.model, states, worker.config)
+        executor, generate_queries, model, states, worker.config)
     worker.metrics.observe("model_batch_ms", (time.perf_counter() - t0) * 1000)
     worker.metrics.observe("batch_users", len(batch))
-    return Generated(batch, states, queries)
+    return Generated(batch, states, queries, version_of(model))
 
 
 async def publish_batch(worker: Worker, generated: Generated) -> None:
@@ -300,10 +315,9 @@ async def publish_batch(worker: Worker, generated: Generated) -> None:
     fused = await retrieve(worker.engine, generated.states, generated.queries, worker.config)
     metrics.observe("search_batch_ms", (time.perf_counter() - t0) * 1000)
     now_wall = datetime.now(UTC)
-    version = worker.model.version or "unversioned"
     for r, queries, items in zip(batch, generated.queries, fused):
         rec = Recommendation(
-            user_id=r.user_id, generated_at=now_wall, model_version=version, queries=queries,
+            user_id=r.user_id, generated_at=now_wall, model_version=generated.model_version, queries=queries,
             items=[RecItem(news_id=i.news_id, title=i.title, score=i.score, query=i.query) for i in items],
             trigger_event_id=r.trigger_event_id,
             latency_ms=round((time.monotonic() - r.first_seen_at) * 1000, 3),

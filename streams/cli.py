@@ -86,6 +86,18 @@ def _cmd_infra(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models_publish(args: argparse.Namespace) -> int:
+    from streams.rollout import RolloutError, publish
+
+    settings = load(WorkerSettings)
+    try:
+        update = publish(settings, args.model_dir)
+    except RolloutError as exc:
+        raise ConfigError(f"cannot publish {args.model_dir}: {exc}") from None
+    print(f"announced model {update.version} ({update.model_dir}) on {settings.topic_model_updates}")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from models.bootstrap import bootstrap
 
@@ -139,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=None, help="model dir (default: NEWSREC_MODEL_DIR)")
     b.add_argument("--cache-dir", type=Path, default=None)
     b.set_defaults(func=_cmd_models)
+    b = msub.add_parser("publish", help="copy a verified model dir into the registry and announce it to workers")
+    b.add_argument("--model-dir", type=Path, required=True, help="exported model dir with manifest.json")
+    b.set_defaults(func=_cmd_models_publish)
 
     p = sub.add_parser("demo", help="local broker + worker + demo news + simulated users")
     p.add_argument("--users", type=int, default=4)
@@ -165,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_eval_commands(sub)
     add_train_commands(sub)
+    from models.cli import add_model_commands
+
+    add_model_commands(sub, bench=bsub)
     return parser
 
 

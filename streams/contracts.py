@@ -10,7 +10,8 @@ from __future__ import annotations
 import base64
 import json
 from datetime import UTC, datetime
-from typing import Any, Literal
+from pathlib import PurePosixPath
+from typing import Any, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -99,6 +100,29 @@ class Recommendation(_Contract):
     stale: bool = False
 
 
+# A version names a registry directory (<root>/<version>/): one safe path component.
+MODEL_VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
+
+
+class ModelUpdate(_Contract):
+    """A model version announced on ``model-updates`` (key = "model") by ``newsrec models publish``."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    version: str = Field(pattern=MODEL_VERSION_PATTERN)
+    # Absolute: every worker resolves it on its own host (a shared or identically mounted registry).
+    model_dir: str = Field(min_length=1, max_length=4_096)
+    published_at: AwareDatetime
+    # sha256 of manifest.json: pins the exact manifest, so the files it lists are pinned too.
+    manifest_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("model_dir")
+    @classmethod
+    def _model_dir(cls, value: str) -> str:
+        if not PurePosixPath(value).is_absolute():
+            raise ValueError("model_dir must be an absolute path")
+        return value
+
+
 class DeadLetter(_Contract):
     """An input record that could not be used, on ``user-events-dlq``; ``raw`` keeps it whole."""
 
@@ -112,16 +136,28 @@ class DeadLetter(_Contract):
     failed_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
-def parse_event(raw: bytes) -> UserEvent:
-    """Parse one ``user-events`` value; raises ``ValueError`` with a readable reason."""
+C = TypeVar("C", bound=_Contract)
+
+
+def _parse(cls: type[C], raw: bytes) -> C:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"value is not valid UTF-8: {exc}") from None
     try:
-        return UserEvent.model_validate_json(text)
+        return cls.model_validate_json(text)
     except ValidationError as exc:
         raise ValueError(_short_errors(exc)) from None
+
+
+def parse_event(raw: bytes) -> UserEvent:
+    """Parse one ``user-events`` value; raises ``ValueError`` with a readable reason."""
+    return _parse(UserEvent, raw)
+
+
+def parse_model_update(raw: bytes) -> ModelUpdate:
+    """Parse one ``model-updates`` value; raises ``ValueError`` with a readable reason."""
+    return _parse(ModelUpdate, raw)
 
 
 def dead_letter(raw: bytes, error: str, *, topic: str, partition: int, offset: int) -> DeadLetter:

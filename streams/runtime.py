@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from index.base import SearchEngine
 from index.feed import IndexFollower
 from streams.producer import ensure_topics
+from streams.recommend import QueryModel
+from streams.rollout import Loader
 from streams.settings import CommonSettings, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,17 @@ def load_model(settings: WorkerSettings) -> Any:
     return OnnxCausalLM(model_dir, intra_op_threads=settings.model_threads or None)
 
 
+def rollout_loader(settings: WorkerSettings) -> Loader:
+    """How the worker loads an announced model dir; the rollout has just verified its
+    manifest, so the runtime does not hash every file a second time."""
+    from models.runtime import OnnxCausalLM
+
+    def load(model_dir: Path) -> QueryModel:
+        return OnnxCausalLM(model_dir, verify=False, intra_op_threads=settings.model_threads or None)
+
+    return load
+
+
 def run_worker(settings: WorkerSettings) -> int:
     import faust
 
@@ -53,7 +67,7 @@ def run_worker(settings: WorkerSettings) -> int:
         follower.start()
         if not follower.wait_caught_up(timeout=60):
             log.warning("news index not caught up after 60 s; serving with %d articles so far", follower.indexed)
-    worker = create_worker(settings, model, engine)
+    worker = create_worker(settings, model, engine, rollout_loader(settings))
     log.info("worker %s: model %s, engine %s, web http://%s:%d", settings.app_id, model.version, engine.name,
              settings.web_host, settings.web_port)
     try:

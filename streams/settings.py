@@ -129,6 +129,9 @@ class WorkerSettings(CommonSettings):
     """The recommendation worker (``newsrec worker``)."""
 
     model_dir: Path | None = None
+    # Versioned model dirs (<registry>/<version>/) that `newsrec models publish` announces;
+    # workers on other hosts must see it at the same path.
+    model_registry: Path | None = None
     app_id: str = "newsrec-worker"
     web_port: int = Field(default=6066, ge=1, le=65535)
     web_bind: str = "127.0.0.1"
@@ -156,6 +159,9 @@ class WorkerSettings(CommonSettings):
 
     def resolved_model_dir(self) -> Path:
         return self.model_dir or self.state_dir / "models" / "current"
+
+    def resolved_model_registry(self) -> Path:
+        return self.model_registry or self.state_dir / "models" / "registry"
 
 
 S = TypeVar("S", bound=BaseSettings)

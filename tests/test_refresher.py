@@ -10,6 +10,7 @@ from streams.app import Worker, run_refresher
 from streams.contracts import UserEvent
 from streams.metrics import Metrics
 from streams.refresh import RefreshQueue
+from streams.rollout import ActiveModel
 from streams.settings import WorkerSettings
 from streams.window import UserState, apply_event
 
@@ -46,8 +47,9 @@ class Topic:
 
 def make_worker(model, min_interval=0.0) -> Worker:
     settings = WorkerSettings(refresh_min_interval_s=min_interval, batch_max_wait_ms=0)
-    return Worker(app=None, settings=settings, model=model, engine=Engine(), queue=RefreshQueue(min_interval),
-                  metrics=Metrics(), users={}, latest={}, recommendations=Topic(), refresh_done=Topic())
+    return Worker(app=None, settings=settings, active_model=ActiveModel(model), engine=Engine(),
+                  queue=RefreshQueue(min_interval), metrics=Metrics(), users={}, latest={}, recommendations=Topic(),
+                  refresh_done=Topic())
 
 
 def add_event(worker: Worker, user: str, event_id: str, news_id: str | None = None) -> None:
@@ -72,7 +74,7 @@ async def test_event_arriving_during_refresh_is_published_without_further_events
     task = asyncio.create_task(run_refresher(worker))
     try:
         add_event(worker, "u1", "e1")
-        await wait_for(lambda: worker.model.calls)  # e1 is in the model now
+        await wait_for(lambda: worker.active_model.current.calls)  # e1 is in the model now
         add_event(worker, "u1", "e2")
         sent = worker.recommendations.sent
         await wait_for(lambda: any(r["trigger_event_id"] == "e2" for r in sent))
@@ -89,7 +91,7 @@ async def test_batch_gathers_users_and_drops_clicked_items():
     task = asyncio.create_task(run_refresher(worker))
     try:
         await wait_for(lambda: len(worker.recommendations.sent) == 5)
-        assert worker.model.calls == [5]
+        assert worker.active_model.current.calls == [5]
         for rec in worker.recommendations.sent:
             assert rec["queries"] == ["electric cars", "battery range"]
             assert rec["items"] and "N-clicked" not in {i["news_id"] for i in rec["items"]}

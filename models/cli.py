@@ -1,0 +1,188 @@
+"""``newsrec export`` and ``newsrec bench models``: model export (fp32 + int8) and the model benchmark.
+
+``add_model_commands(subparsers, bench=bench_subparsers)`` is wired into ``streams.cli``
+(``bench`` is the ``newsrec bench`` sub-command group); handlers return exit codes and raise
+``ConfigError`` for bad input, which the CLI prints as ``newsrec: ...`` with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from streams.settings import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def add_model_commands(subparsers: Any, bench: Any | None = None) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a HF causal LM to a validated ONNX model dir (optionally also int8)",
+        description="Export with optimum (KV cache), check parity against torch (logits within tolerance, "
+                    "identical greedy tokens) and publish with a manifest; --int8 also publishes a dynamic "
+                    "int8 quantisation, measured against the fp32 model, as its own model dir.")
+    p.add_argument("--model", type=Path, required=True, help="Hugging Face model dir (config.json, weights, tokenizer)")
+    p.add_argument("--out", type=Path, required=True, help="fp32 model dir to publish")
+    p.add_argument("--int8", action="store_true", help="also publish an int8 model dir (see --int8-out)")
+    p.add_argument("--int8-out", type=Path, default=None, help="int8 model dir (default: <OUT>-int8 beside --out)")
+    p.add_argument("--int8-exclude", default=None, metavar="REGEX",
+                   help="node names kept in fp32 (default: down_proj, whose outlier activations quantise worst; "
+                        "'' quantises every MatMul)")
+    p.add_argument("--name", default=None, help="model name (default: the --model dir's name)")
+    p.add_argument("--version", default=None, help="version (default: <name>-<UTC timestamp>); int8 adds -int8")
+    p.add_argument("--parent", default=None, help="version this model was trained from")
+    p.add_argument("--overwrite", action="store_true", help="replace existing model dirs")
+    p.set_defaults(func=_cmd_export)
+
+    if bench is not None:
+        b = bench.add_parser(
+            "models", help="teacher/student, torch/ONNX/int8: users/s, ms per batch, peak RSS, Recall@10",
+            description="Each given model in a fresh process: greedy generation timed per batch size, peak RSS, "
+                        "and with --data Recall@10/NDCG@10 through the offline evaluation. Missing models are "
+                        "skipped. Prints a markdown table with ratios and targets; writes JSON.")
+        b.add_argument("--teacher", type=Path, default=None, help="teacher HF model dir (torch)")
+        b.add_argument("--student", type=Path, default=None, help="student HF model dir (torch)")
+        b.add_argument("--student-onnx", type=Path, default=None, help="student ONNX fp32 model dir")
+        b.add_argument("--student-int8", type=Path, default=None, help="student ONNX int8 model dir")
+        b.add_argument("--data", type=Path, default=None, help="dataset dir: prompts from its users, plus eval")
+        b.add_argument("--users", type=int, default=100, help="evaluated users (first N targets; default 100)")
+        b.add_argument("--batch-sizes", default="1,8,32", help="comma-separated (default 1,8,32)")
+        b.add_argument("--repeats", type=int, default=3, help="timed batches per batch size (default 3)")
+        b.add_argument("--max-new-tokens", type=int, default=48)
+        b.add_argument("--threads", type=int, default=None, help="intra-op threads for every model (default: all)")
+        b.add_argument("--out", type=Path, default=None, help="JSON path (default bench-results/models.json)")
+        b.set_defaults(func=_cmd_bench_models)
+
+
+def _check_hf_dir(path: Path, flag: str) -> None:
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{flag} {path}: not a Hugging Face model directory (no config.json)")
+    if not (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
+        raise ConfigError(f"{flag} {path}: not a Hugging Face model directory (no *.safetensors or "
+                          "pytorch_model*.bin weights)")
+    if not (path / "tokenizer.json").is_file():
+        raise ConfigError(f"{flag} {path}: no tokenizer.json (a fast tokenizer is needed to serve the model)")
+
+
+def _check_free(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"{path} already exists (pass --overwrite to replace it)")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from models.export import ExportValidationError, export_onnx
+    from models.quantize import QuantizeSettings, quantize_int8
+
+    _check_hf_dir(args.model, "--model")
+    if not args.int8 and (args.int8_out is not None or args.int8_exclude is not None):
+        raise ConfigError("--int8-out and --int8-exclude only apply with --int8")
+    int8_out = args.int8_out or args.out.with_name(f"{args.out.name}-int8")
+    # Fail before the slow export, not after it.
+    for path in [args.out] + ([int8_out] if args.int8 else []):
+        _check_free(path, args.overwrite)
+    name = args.name or args.model.resolve().name
+    version = args.version or f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    try:
+        manifest = export_onnx(args.model, args.out, name=name, version=version, parent=args.parent,
+                               overwrite=args.overwrite)
+    except ExportValidationError as exc:
+        print(f"newsrec export: refused to publish {args.out}: {exc}", file=sys.stderr)
+        return 1
+    m = manifest.metrics
+    print(f"published {manifest.name} {manifest.version} at {args.out} "
+          f"(max |logit diff| vs torch {m['parity_max_abs_logit_diff']:.2g}, greedy tokens identical)")
+    if not args.int8:
+        return 0
+    settings = QuantizeSettings() if args.int8_exclude is None else QuantizeSettings(exclude=args.int8_exclude or None)
+    try:
+        q = quantize_int8(args.out, int8_out, settings=settings, overwrite=args.overwrite)
+    except ExportValidationError as exc:
+        print(f"newsrec export: refused to publish int8 {int8_out} (fp32 stays published): {exc}", file=sys.stderr)
+        return 1
+    qm = q.metrics
+    print(f"published {q.name} {q.version} at {int8_out}: next-token agreement with fp32 "
+          f"{qm['vs_fp32_top1_agreement']:.0%} of {qm['vs_fp32_positions']} positions, greedy tokens "
+          f"{qm['vs_fp32_greedy_token_agreement']:.0%}, mean |logit diff| {qm['vs_fp32_mean_abs_logit_diff']:.3g}, "
+          f"{qm['size_vs_fp32']:.0%} of the fp32 size")
+    return 0
+
+
+def _parse_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"--batch-sizes expects comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"--batch-sizes needs positive sizes, got {text!r}")
+    return sizes
+
+
+def _cmd_bench_models(args: argparse.Namespace) -> int:
+    from models.bench import (
+        DEFAULT_OUT,
+        ONNX_FP32,
+        ONNX_INT8,
+        STUDENT,
+        TEACHER,
+        BenchConfig,
+        BenchModel,
+        format_table,
+        run_models_bench,
+    )
+    from training.dataset import DatasetError
+
+    given = {TEACHER: (args.teacher, "torch", "--teacher"), STUDENT: (args.student, "torch", "--student"),
+             ONNX_FP32: (args.student_onnx, "onnx", "--student-onnx"),
+             ONNX_INT8: (args.student_int8, "onnx", "--student-int8")}
+    models: dict[str, BenchModel | None] = {}
+    for role, (path, runtime, flag) in given.items():
+        if path is None:
+            print(f"{flag} not given: skipping it")
+            models[role] = None
+            continue
+        if runtime == "torch":
+            _check_hf_dir(path, flag)
+        elif not (path / "manifest.json").is_file():
+            raise ConfigError(f"{flag} {path}: not an exported model dir (no manifest.json)")
+        models[role] = BenchModel(role, runtime, path)
+    if not any(models.values()):
+        raise ConfigError("nothing to benchmark: give at least one of --teacher, --student, --student-onnx, "
+                          "--student-int8")
+    if args.data is not None and not args.data.is_dir():
+        raise ConfigError(f"--data {args.data}: no such dataset directory")
+    if args.repeats < 1 or args.users < 1 or args.max_new_tokens < 1:
+        raise ConfigError("--repeats, --users and --max-new-tokens must be at least 1")
+    cfg = BenchConfig(batch_sizes=_parse_sizes(args.batch_sizes), repeats=args.repeats,
+                      max_new_tokens=args.max_new_tokens, threads=args.threads, data=args.data, users=args.users)
+    out = args.out or DEFAULT_OUT
+    try:
+        report = run_models_bench(models, cfg, out=out)
+    except DatasetError as exc:
+        raise ConfigError(f"--data: {exc}") from None
+    print(format_table(report))
+    print(f"results written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``newsrec`` with only these commands (``streams.cli`` has the full CLI)."""
+    parser = argparse.ArgumentParser(prog="newsrec")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
+    add_model_commands(sub, bench=bench)
+    return parser
+
+
+def main_for_tests(argv: Sequence[str] | None = None) -> int:
+    """Parse and run like ``newsrec`` does (ConfigError -> message on stderr, exit code 2)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"newsrec: {exc}", file=sys.stderr)
+        return 2
