@@ -112,6 +112,23 @@ class _Sampler:
         return np.where(keep, probs, 0.0)
 
 
+def stop_token_ids(tokenizer: Any, model_dir: Path) -> frozenset[int]:
+    """Ids that end a completion: the tokenizer's eos, ``<|im_end|>`` and generation_config's eos."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    gen_cfg = model_dir / "generation_config.json"
+    if gen_cfg.is_file():
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    if not ids:
+        raise ValueError(f"{model_dir}: tokenizer has no eos token")
+    return frozenset(ids)
+
+
 def _session_options(intra_op_threads: int | None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -168,7 +185,7 @@ class OnnxCausalLM:
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.tokenizer.padding_side = "left"
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = stop_token_ids(self.tokenizer, self.model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
 
         self.session = _create_session(self.model_dir / MODEL_FILE, providers, _session_options(intra_op_threads))
@@ -204,21 +221,6 @@ class OnnxCausalLM:
         return self.manifest.version if self.manifest else None
 
     # --- setup helpers -------------------------------------------------------------------
-
-    def _eos_ids(self) -> frozenset[int]:
-        ids: set[int] = set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        im_end = self.tokenizer.convert_tokens_to_ids(IM_END)
-        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
-            ids.add(im_end)
-        gen_cfg = self.model_dir / "generation_config.json"
-        if gen_cfg.is_file():
-            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
-            ids.update([eos] if isinstance(eos, int) else (eos or []))
-        if not ids:
-            raise ValueError(f"{self.model_dir}: tokenizer has no eos token")
-        return frozenset(ids)
 
     def _past_layout(self) -> tuple[tuple[int, int], Any]:
         """(num_kv_heads, head_dim) and dtype of the KV cache, from the session inputs."""

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.runtime import IM_END
+from models.runtime import stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,8 @@ class TorchCausalLM:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
-        gen_eos = self.model.generation_config.eos_token_id
-        stop = set([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
-        stop |= {t for t in (self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids(IM_END))
-                 if isinstance(t, int) and t != self.tokenizer.unk_token_id}
-        if not stop:
-            raise ValueError(f"{self.model_dir}: tokenizer has no eos token")
-        self.eos_ids = frozenset(stop)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stop)
+        self.eos_ids = stop_token_ids(self.tokenizer, self.model_dir)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         log.info("loaded torch model %s from %s", self.version, self.model_dir)
 
     def generate_ids(self, prompts: Sequence[str], *, max_new_tokens: int = 48) -> list[list[int]]:

@@ -67,3 +67,13 @@ def small_sim_dataset(mind_news_path: Path, tmp_path_factory: pytest.TempPathFac
     meta.pop("truth", None)
     write_dataset(path / "data", lines, events, targets, meta)
     return path / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's int8 dynamic quantisation (built once per session)."""
+    from models.quantize import quantize_int8
+
+    out = tmp_path_factory.mktemp("tiny-int8") / "model"
+    quantize_int8(tiny_model_dir, out)
+    return out

@@ -19,7 +19,6 @@ from models.bench import (
 )
 from models.cli import main_for_tests
 from models.export import parity_prompts
-from models.quantize import quantize_int8
 from models.runtime import OnnxCausalLM
 from models.torch_lm import TorchCausalLM
 
@@ -28,13 +27,6 @@ RATIO_KEYS = {
     "student_vs_teacher_users_per_s", "served_student", "served_vs_teacher_users_per_s", "onnx_vs_torch_users_per_s",
     "int8_vs_fp32_users_per_s", "student_vs_teacher_recall@10", "int8_minus_fp32_recall@10",
 }
-
-
-@pytest.fixture(scope="module")
-def int8_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bench-int8") / "model"
-    quantize_int8(tiny_model_dir, out)
-    return out
 
 
 def test_torch_adapter_matches_onnx_greedy_in_a_padded_batch(tiny_model_dir: Path) -> None:
@@ -53,11 +45,11 @@ def _bench(tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any]]:
     return code, json.loads(out.read_text()) if out.exists() else {}
 
 
-def test_bench_all_four_models_with_eval(tiny_model_dir: Path, int8_dir: Path, small_sim_dataset: Path,
+def test_bench_all_four_models_with_eval(tiny_model_dir: Path, tiny_int8_dir: Path, small_sim_dataset: Path,
                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hf = tiny_model_dir.parent / "hf"
     code, report = _bench(tmp_path, "--teacher", str(hf), "--student", str(hf), "--student-onnx", str(tiny_model_dir),
-                          "--student-int8", str(int8_dir), "--data", str(small_sim_dataset), "--users", "4")
+                          "--student-int8", str(tiny_int8_dir), "--data", str(small_sim_dataset), "--users", "4")
     assert code == 0
     assert list(report["models"]) == ROLES and report["prompts"]["source"] == "dataset"
     for role in ROLES:

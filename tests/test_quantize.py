@@ -22,23 +22,16 @@ QUALITY_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def int8_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("int8") / "model"
-    quantize_int8(tiny_model_dir, out)
-    return out
-
-
 def _ops(model_dir: Path) -> list[str]:
     return [n.op_type for n in onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph.node]
 
 
-def test_int8_manifest_verifies_and_records_quality(tiny_model_dir: Path, int8_dir: Path) -> None:
+def test_int8_manifest_verifies_and_records_quality(tiny_model_dir: Path, tiny_int8_dir: Path) -> None:
     fp32 = read_manifest(tiny_model_dir)
-    manifest = verify_manifest(int8_dir)
+    manifest = verify_manifest(tiny_int8_dir)
     assert manifest.name == fp32.name
     assert manifest.version == f"{fp32.version}-int8" and manifest.parent == fp32.version
-    assert manifest.files["model.onnx"] == sha256_file(int8_dir / "model.onnx")
+    assert manifest.files["model.onnx"] == sha256_file(tiny_int8_dir / "model.onnx")
     assert {"tokenizer.json", "config.json", "generation_config.json"} <= set(manifest.files)
 
     quant = manifest.export["quantization"]
@@ -46,7 +39,7 @@ def test_int8_manifest_verifies_and_records_quality(tiny_model_dir: Path, int8_d
     assert quant["weight_type"] == "QInt8" and quant["per_channel"] is True and quant["exclude"] == "down_proj"
     # 2 layers x (q, k, v, o, gate, up) + the tied lm_head (folded out of its Transpose); down_proj stays fp32.
     assert quant["folded_transposes"] == 1 and quant["excluded_nodes"] == 2
-    assert quant["int8_matmuls"] == 13 == _ops(int8_dir).count("MatMulInteger")
+    assert quant["int8_matmuls"] == 13 == _ops(tiny_int8_dir).count("MatMulInteger")
 
     m = manifest.metrics
     assert QUALITY_KEYS <= set(m)
@@ -56,8 +49,8 @@ def test_int8_manifest_verifies_and_records_quality(tiny_model_dir: Path, int8_d
     assert 0 < m["vs_fp32_mean_abs_logit_diff"] <= m["vs_fp32_max_abs_logit_diff"]
 
 
-def test_int8_model_loads_and_generates(tiny_model_dir: Path, int8_dir: Path) -> None:
-    lm = OnnxCausalLM(int8_dir, providers=["CPUExecutionProvider"], intra_op_threads=1)
+def test_int8_model_loads_and_generates(tiny_model_dir: Path, tiny_int8_dir: Path) -> None:
+    lm = OnnxCausalLM(tiny_int8_dir, providers=["CPUExecutionProvider"], intra_op_threads=1)
     assert lm.version is not None and lm.version.endswith("-int8")
     prompts = parity_prompts()
     logits = lm.next_token_logits(prompts)
