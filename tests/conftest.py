@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import pytest
@@ -77,3 +78,14 @@ def tiny_int8_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     out = tmp_path_factory.mktemp("tiny-int8") / "model"
     quantize_int8(tiny_model_dir, out)
     return out
+
+
+@pytest.fixture
+def stack(kafka_bootstrap: str, tiny_model_dir: Path, unique_name: str, tmp_path: Path) -> Iterator[Any]:
+    """The demo news on fresh topics and a worker factory (tiny model, embedded search)."""
+    from tests.streaming import Stack, stack_env
+
+    s = Stack(stack_env(kafka_bootstrap, tiny_model_dir, unique_name, tmp_path / "state"), tmp_path)
+    s.publish_news()
+    yield s
+    s.close()

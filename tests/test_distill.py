@@ -36,3 +36,21 @@ def test_bad_distill_config() -> None:
     with pytest.raises(ConfigError, match="method"):
         DistillConfig(teacher=Path("t"), train_data=Path("d"), output_dir=Path("o"), student_layers=1,
                       method="offline")  # type: ignore[arg-type]
+
+
+def test_no_distillation_keeps_the_teachers_first_blocks(small_sim_dataset: Path, tiny_model_dir: Path,
+                                                        tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    teacher_dir = tiny_model_dir.parent / "hf"
+    cfg = DistillConfig(teacher=teacher_dir, train_data=small_sim_dataset, output_dir=tmp_path / "none",
+                        student_layers=1, method="none", train_users=2)
+    summary = distill(cfg, progress=False)
+    assert summary["losses"] == []
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).state_dict()
+    student = AutoModelForCausalLM.from_pretrained(cfg.output_dir / "final").state_dict()
+    assert not any(".layers.1." in k for k in student)
+    for name, weight in student.items():
+        assert torch.equal(weight, teacher[name]), name
+    assert (cfg.output_dir / "onnx" / "manifest.json").is_file()

@@ -7,79 +7,21 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import datetime
 
 import pytest
-from confluent_kafka import Consumer, Producer
 
-from index.corpus import read_mind_news
-from streams.demo import demo_corpus
-from streams.stack import WorkerProcess, get_json
+from streams.stack import get_json
+from tests.streaming import (
+    CORPUS_IDS,
+    TEXTS,
+    consume,
+    event,
+    latest_by_user,
+    window_ids,
+)
 
 pytestmark = pytest.mark.integration
-
-CORPUS = list(read_mind_news(demo_corpus()))
-CORPUS_IDS = {a.news_id for a in CORPUS}
-TEXTS = ["electric car battery range", "nba playoff injury report", "easy pasta recipe", "stock market rally",
-         "cheap flights europe", "marathon training plan", "hurricane forecast coast", "new smartphone launch"]
-
-
-@pytest.fixture
-def stack(kafka_bootstrap: str, tiny_model_dir: Path, unique_name: str, tmp_path: Path) -> Iterator[dict]:
-    env = {
-        "NEWSREC_KAFKA_BOOTSTRAP": kafka_bootstrap, "NEWSREC_BROKER_PROFILE": "local",
-        "NEWSREC_MODEL_DIR": str(tiny_model_dir), "NEWSREC_STATE_DIR": str(tmp_path / "state"),
-        "NEWSREC_APP_ID": f"{unique_name}-worker", "NEWSREC_SEARCH_ENGINE": "embedded",
-        "NEWSREC_TOPIC_EVENTS": f"{unique_name}-user-events", "NEWSREC_TOPIC_NEWS": f"{unique_name}-news-articles",
-        "NEWSREC_TOPIC_RECOMMENDATIONS": f"{unique_name}-recommendations",
-        "NEWSREC_TOPIC_DLQ": f"{unique_name}-user-events-dlq", "NEWSREC_TOPIC_MODEL_UPDATES": f"{unique_name}-mu",
-        "NEWSREC_REFRESH_MIN_INTERVAL_S": "0.5", "NEWSREC_MAX_NEW_TOKENS": "16",
-    }
-    producer = Producer({"bootstrap.servers": kafka_bootstrap, "partitioner": "murmur2_random"})
-    for a in CORPUS:
-        producer.produce(env["NEWSREC_TOPIC_NEWS"], key=a.news_id, value=a.model_dump_json())
-    assert producer.flush(30) == 0
-    workers: list[WorkerProcess] = []
-
-    def start_worker() -> WorkerProcess:
-        w = WorkerProcess(env, tmp_path / f"worker{len(workers)}.log").start()
-        workers.append(w)
-        w.wait_ready(documents=len(CORPUS), timeout=120)
-        return w
-
-    yield {"env": env, "producer": producer, "start_worker": start_worker}
-    for w in workers:
-        w.stop()
-
-
-def event(user: str, i: int, text: str, **kw: object) -> dict:
-    base = {"event_id": f"{user}-e{i}", "user_id": user,
-            "ts": (datetime(2026, 11, 1, tzinfo=UTC) + timedelta(minutes=i)).isoformat(),
-            "domain": ("search", "browse", "app")[i % 3], "text": text, "url": None, "news_id": None, "meta": {}}
-    return base | kw
-
-
-def consume(bootstrap: str, topic: str, until, timeout: float = 90.0) -> list:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex[:6]}",
-                         "auto.offset.reset": "earliest", "session.timeout.ms": 6000})
-    consumer.subscribe([topic])
-    got: list = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and not until(got):
-            for msg in consumer.consume(100, timeout=0.5):
-                if msg.error() is None:
-                    got.append((msg.key(), json.loads(msg.value())))
-    finally:
-        consumer.close()
-    return got
-
-
-def latest_by_user(records: list) -> dict[str, dict]:
-    return {value["user_id"]: value for _, value in records}
 
 
 def test_every_user_gets_recommendations_from_the_index(stack, kafka_bootstrap):
@@ -171,22 +113,12 @@ def test_worker_restart_mid_stream_keeps_every_window(stack, kafka_bootstrap):
     deadline = time.monotonic() + 90
     windows: dict[str, list[str]] = {}
     while time.monotonic() < deadline:
-        windows = {u: [s["event_id"] for s in get_json(f"{restarted.url}/users/{u}")["signals"]]
-                   for u in users if _has_user(restarted.url, u)}
+        windows = {u: ids for u in users if (ids := window_ids(restarted.url, u)) is not None}
         if all(sorted(windows.get(u, [])) == sorted(sent[u]) for u in users):
             break
         time.sleep(0.5)
     for user in users:
         assert sorted(windows.get(user, [])) == sorted(sent[user]), f"{user} lost part of its window"
-
-
-def _has_user(url: str, user: str) -> bool:
-    try:
-        get_json(f"{url}/users/{user}")
-        return True
-    except OSError:
-        return False
-
 
 
 def test_outside_client_with_elasticsearch_engine(stack, kafka_bootstrap, es_url, unique_name, monkeypatch):

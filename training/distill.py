@@ -6,6 +6,7 @@
   TRL itself points that setting to ``DistillationTrainer``.
 - ``supervised`` (the ablation baseline): the teacher writes one greedy completion per
   training prompt, and the student is fine-tuned on them (TRL ``SFTTrainer``).
+- ``none`` (the paper's "no distillation" row): the cut student as initialised, untrained.
 
 The student is the teacher cut to its first ``student_layers`` blocks (same tokenizer,
 initialised from the teacher's weights). A run writes ``final/``, ``onnx/`` (parity-validated
@@ -28,7 +29,7 @@ from training.evaluate import WindowConfig, build_state, dataset_cutoff
 
 log = logging.getLogger(__name__)
 
-Method = Literal["on-policy", "supervised"]
+Method = Literal["on-policy", "supervised", "none"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,8 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.method not in ("on-policy", "supervised"):
-            problems.append(f"method: {self.method!r} is not 'on-policy' or 'supervised'")
+        if self.method not in ("on-policy", "supervised", "none"):
+            problems.append(f"method: {self.method!r} is not 'on-policy', 'supervised' or 'none'")
         for name in ("student_layers", "max_steps", "batch_size", "max_completion_length"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be at least 1")
@@ -117,6 +118,10 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     if cfg.method == "on-policy":
         history = _on_policy(cfg, student, tokenizer, prompts, final, progress)
+    elif cfg.method == "none":
+        student.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        history = []
     else:
         completions = teacher_completions(cfg.teacher, prompts, max_new_tokens=cfg.max_completion_length,
                                           progress=progress)

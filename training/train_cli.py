@@ -51,7 +51,8 @@ def add_train_commands(subparsers: Any) -> None:
     d.add_argument("--student-layers", type=int, required=True, help="student = the teacher's first N blocks")
     d.add_argument("--data", type=Path, required=True, help="training dataset directory (prompts only)")
     d.add_argument("--out", type=Path, required=True, help="run directory to create")
-    d.add_argument("--method", choices=["on-policy", "supervised"], default="on-policy")
+    d.add_argument("--method", choices=["on-policy", "supervised", "none"], default="on-policy",
+                   help="none = the cut student untrained (the ablation's baseline row)")
     d.add_argument("--users", type=int, default=256, help="training prompts: the first N target users")
     d.add_argument("--steps", type=int, default=50)
     d.add_argument("--batch-size", type=int, default=8, help="prompts per step")
@@ -137,7 +138,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, learning_rate=args.lr, threads=args.threads)
     summary = distill(cfg, progress=not args.no_progress)
     losses = summary["losses"]
-    print(f"{cfg.method} distillation: {len(losses)} logged steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+    trained = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no training"
+    print(f"{cfg.method} distillation: {len(losses)} logged steps, {trained} "
           f"in {summary['train_s']:.0f} s; student {summary['student_parameters'] / 1e6:.1f}M parameters")
     if "eval" in summary:
         from training.evaluate import format_markdown
