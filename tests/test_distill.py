@@ -38,7 +38,7 @@ def test_bad_distill_config() -> None:
                       method="offline")  # type: ignore[arg-type]
 
 
-def test_no_distillation_keeps_the_teachers_first_blocks(small_sim_dataset: Path, tiny_model_dir: Path,
+def test_no_distillation_keeps_the_teachers_first_blocks_and_seeds_a_later_run(small_sim_dataset: Path, tiny_model_dir: Path,
                                                         tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
@@ -54,3 +54,11 @@ def test_no_distillation_keeps_the_teachers_first_blocks(small_sim_dataset: Path
     for name, weight in student.items():
         assert torch.equal(weight, teacher[name]), name
     assert (cfg.output_dir / "onnx" / "manifest.json").is_file()
+
+    # on-policy from that student (the supervised -> on-policy chain) trains it further
+    chained = distill(DistillConfig(teacher=teacher_dir, train_data=small_sim_dataset, output_dir=tmp_path / "chain",
+                                    student_layers=1, student_init=cfg.output_dir / "final", train_users=2,
+                                    max_steps=1, batch_size=2, max_completion_length=4), progress=False)
+    assert len(chained["losses"]) == 1
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "chain" / "final").state_dict()
+    assert any(not torch.equal(trained[k], student[k]) for k in student)

@@ -9,7 +9,9 @@
 - ``none`` (the paper's "no distillation" row): the cut student as initialised, untrained.
 
 The student is the teacher cut to its first ``student_layers`` blocks (same tokenizer,
-initialised from the teacher's weights). A run writes ``final/``, ``onnx/`` (parity-validated
+initialised from the teacher's weights), or ``student_init``: an earlier run's student, so
+on-policy distillation can start from a supervised one (GKD's recipe when the cut student
+is too broken to sample anything the teacher can correct). A run writes ``final/``, ``onnx/`` (parity-validated
 export, parent = the teacher), ``train_log.jsonl``, ``eval.json`` and ``run.json``.
 """
 
@@ -39,6 +41,7 @@ class DistillConfig:
     output_dir: Path
     student_layers: int
     method: Method = "on-policy"
+    student_init: Path | None = None  # HF dir of an earlier student with student_layers blocks
     train_users: int | None = 256
     eval_data: Path | None = None
     eval_users: int | None = None
@@ -106,13 +109,15 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> dict[str, Any]:
         raise ConfigError(f"output_dir {out} is not empty: pick a new directory")
     if not (cfg.teacher / "config.json").is_file():
         raise ConfigError(f"teacher {cfg.teacher}: no config.json (pass a HF model dir, e.g. a GRPO run's final/)")
+    if cfg.student_init is not None and not (cfg.student_init / "config.json").is_file():
+        raise ConfigError(f"student_init {cfg.student_init}: no config.json (pass an earlier run's final/)")
     out.mkdir(parents=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     prompts = training_prompts(cfg.train_data, cfg.train_users)
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
-    student = load_policy(cfg.teacher, layers=cfg.student_layers)
+    student = load_policy(cfg.student_init or cfg.teacher, layers=cfg.student_layers)
     teacher_layers = int(json.loads((cfg.teacher / "config.json").read_text())["num_hidden_layers"])
     final = out / "final"
     t0 = time.perf_counter()

@@ -53,6 +53,8 @@ def add_train_commands(subparsers: Any) -> None:
     d.add_argument("--out", type=Path, required=True, help="run directory to create")
     d.add_argument("--method", choices=["on-policy", "supervised", "none"], default="on-policy",
                    help="none = the cut student untrained (the ablation's baseline row)")
+    d.add_argument("--student-init", type=Path, default=None,
+                   help="start from this student (e.g. a supervised run's final/) instead of cutting the teacher")
     d.add_argument("--users", type=int, default=256, help="training prompts: the first N target users")
     d.add_argument("--steps", type=int, default=50)
     d.add_argument("--batch-size", type=int, default=8, help="prompts per step")
@@ -133,7 +135,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     from training.distill import DistillConfig, distill
 
     cfg = DistillConfig(teacher=args.teacher, train_data=args.data, output_dir=args.out,
-                        student_layers=args.student_layers, method=args.method, train_users=args.users,
+                        student_layers=args.student_layers, method=args.method, student_init=args.student_init,
+                        train_users=args.users,
                         eval_data=args.eval_data, eval_users=args.eval_users, max_steps=args.steps,
                         batch_size=args.batch_size, learning_rate=args.lr, threads=args.threads)
     summary = distill(cfg, progress=not args.no_progress)
