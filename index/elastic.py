@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 from elasticsearch import AsyncElasticsearch, BadRequestError, NotFoundError
 from elasticsearch.helpers import BulkIndexError, async_bulk
 
 from index.base import Hit, check_search_args
 from streams.contracts import NewsArticle
+
+if TYPE_CHECKING:
+    from streams.settings import CommonSettings
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +43,47 @@ MAX_QUERY_CHARS = 2_000
 BULK_CHUNK = 500
 
 
+# Per request. The client's default is no timeout on a silent server, which would
+# park the refresher (and /health) forever during a network partition.
+DEFAULT_REQUEST_TIMEOUT_S = 10.0
+DEFAULT_MAX_RETRIES = 2
+
+
 class SearchError(RuntimeError):
     """The search server refused or failed a request."""
+
+
+def client_options(
+    url: str,
+    *,
+    api_key: str | None = None,
+    ca_certs: str | None = None,
+    verify_certs: bool = True,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+) -> dict[str, Any]:
+    """Keyword arguments for ``AsyncElasticsearch``: auth, TLS and bounded waits.
+
+    Only what is set is passed, so the client's own defaults (system CAs) apply otherwise.
+    Refused connections are retried (another node may answer); a timed-out request is not,
+    so a silent server costs one ``request_timeout`` per call, not ``max_retries + 1`` of them.
+    """
+    if request_timeout <= 0:
+        raise ValueError(f"request_timeout must be positive, got {request_timeout}")
+    options: dict[str, Any] = {
+        "hosts": [url],
+        "request_timeout": request_timeout,
+        "max_retries": max_retries,
+        "retry_on_timeout": False,
+        "verify_certs": verify_certs,
+    }
+    if api_key:
+        options["api_key"] = api_key
+    if ca_certs:
+        options["ca_certs"] = ca_certs
+    if not verify_certs:
+        options["ssl_show_warn"] = False  # the worker logs its own start-up warning instead
+    return options
 
 
 class ElasticEngine:
@@ -62,21 +104,28 @@ class ElasticEngine:
         api_key: str | None = None,
         ca_certs: str | None = None,
         verify_certs: bool = True,
-        request_timeout: float = 10,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+        max_retries: int = DEFAULT_MAX_RETRIES,
     ) -> None:
         if alias != alias.lower() or not alias:
             raise ValueError(f"alias must be a non-empty lowercase name, got {alias!r}")
         self.alias = alias
-        self._es = AsyncElasticsearch(
-            url,
-            api_key=api_key,
-            ca_certs=ca_certs,
-            verify_certs=verify_certs,
-            request_timeout=request_timeout,
-        )
+        self._es = AsyncElasticsearch(**client_options(
+            url, api_key=api_key, ca_certs=ca_certs, verify_certs=verify_certs, request_timeout=request_timeout,
+            max_retries=max_retries))
         self._alias_ready = False
 
-    async def __aenter__(self) -> ElasticEngine:
+    @classmethod
+    def from_settings(cls, settings: CommonSettings) -> ElasticEngine:
+        """The engine as configured by ``NEWSREC_ES_*`` (URL, alias, API key, CA, timeouts)."""
+        if not settings.es_url:
+            raise ValueError("NEWSREC_ES_URL is not set")
+        return cls(settings.es_url, settings.es_alias, api_key=settings.es_api_key_value(),
+                   ca_certs=str(settings.es_ca_certs) if settings.es_ca_certs else None,
+                   verify_certs=settings.es_verify_certs, request_timeout=settings.es_request_timeout_s,
+                   max_retries=settings.es_max_retries)
+
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -129,8 +129,12 @@ def stop_token_ids(tokenizer: Any, model_dir: Path) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _session_options(intra_op_threads: int | None) -> ort.SessionOptions:
+def _session_options(intra_op_threads: int | None, memory_arena: bool = True) -> ort.SessionOptions:
     opts = ort.SessionOptions()
+    # The CPU arena grows in doubling steps to the largest shapes seen and never shrinks:
+    # fastest for one-shot jobs, a ratchet for a long-running worker (see WorkerSettings).
+    opts.enable_cpu_mem_arena = memory_arena
+    opts.enable_mem_pattern = memory_arena
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one graph, no branch parallelism to exploit
     if intra_op_threads:
@@ -171,6 +175,7 @@ class OnnxCausalLM:
         providers: str | Sequence[str] = "auto",
         verify: bool = True,
         intra_op_threads: int | None = None,
+        memory_arena: bool = True,
     ) -> None:
         from transformers import AutoTokenizer  # heavy import, keep it off module import
 
@@ -188,7 +193,7 @@ class OnnxCausalLM:
         self.eos_ids = stop_token_ids(self.tokenizer, self.model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
 
-        self.session = _create_session(self.model_dir / MODEL_FILE, providers, _session_options(intra_op_threads))
+        self.session = _create_session(self.model_dir / MODEL_FILE, providers, _session_options(intra_op_threads, memory_arena))
         self.providers: list[str] = self.session.get_providers()
         self._device = "cuda" if self.providers[0] == CUDA else "cpu"
         self._inputs = {i.name: i for i in self.session.get_inputs()}

@@ -16,6 +16,11 @@ Data flow (all topics keyed by user_id):
 A refresh is pending in the table until its recommendation is published, so after a
 crash the pending sweep publishes it again (at-least-once; duplicates share the same
 trigger_event_id).
+
+When the model or the search server fails, the batch goes back to the queue and the
+refresher pauses ALL refreshes for a growing backoff (the dependency is shared, so other
+users' batches would fail the same way); events keep being consumed meanwhile, and
+GET /recommendations/{user} serves the last recommendation marked ``stale``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,17 +39,97 @@ import faust
 from faust.web import Request, Response, View
 
 from index.base import SearchEngine
-from streams.contracts import DeadLetter, Recommendation, RecItem, dead_letter, parse_event
+from streams.contracts import (
+    DeadLetter,
+    RecItem,
+    Recommendation,
+    dead_letter,
+    parse_event,
+)
 from streams.metrics import Metrics
 from streams.recommend import QueryModel, RecommendConfig, generate_queries, retrieve
 from streams.refresh import Refresh, RefreshQueue
-from streams.rollout import ActiveModel, Loader, follow_model_updates, update_consumer, version_of
-from streams.settings import WorkerSettings
+from streams.rollout import (
+    ActiveModel,
+    Loader,
+    follow_model_updates,
+    update_consumer,
+    version_of,
+)
+from streams.settings import WorkerSettings, redact
 from streams.window import UserState, apply_event, complete_refresh
 
 log = logging.getLogger(__name__)
 
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+# /health must answer even when the search server does not.
+HEALTH_SEARCH_TIMEOUT_S = 2.0
+ERROR_SUMMARY_CHARS = 300
+
+
+class RefreshHealth:
+    """Consecutive refresh failures: the backoff pause and what /stats and /health report.
+
+    ``secrets`` are masked out of every error summary it keeps (client exceptions may
+    quote URLs or headers)."""
+
+    def __init__(self, secrets: list[str] | None = None) -> None:
+        self.secrets = secrets or []
+        self.failures = 0  # in a row; a success resets it
+        self.paused_until = 0.0  # monotonic: no new batch is started before this
+        self.last_error: dict[str, Any] | None = None
+        self.last_success_at: datetime | None = None
+
+    def next_delay(self) -> float:
+        return RETRY_BACKOFF_S[min(self.failures, len(RETRY_BACKOFF_S) - 1)]
+
+    def failed(self, stage: str, exc: BaseException, now: float) -> float:
+        """Record a failed batch; returns the pause before the next try."""
+        delay = self.next_delay()
+        self.failures += 1
+        self.paused_until = now + delay
+        self.last_error = {"stage": stage, "error": error_summary(exc, self.secrets),
+                           "at": datetime.now(UTC).isoformat(), "retry_in_s": delay}
+        return delay
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.paused_until = 0.0
+        self.last_success_at = datetime.now(UTC)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"ok": self.failures == 0, "failures_in_row": self.failures, "last_error": self.last_error,
+                "last_success_at": self.last_success_at.isoformat() if self.last_success_at else None}
+
+
+def error_summary(exc: BaseException, secrets: list[str]) -> str:
+    """One line naming the error, safe to show on /stats: secrets and URL credentials masked."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return redact(text, secrets)[:ERROR_SUMMARY_CHARS]
+
+
+def served_recommendation(latest: dict[str, Any] | None, window: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What GET /recommendations/{user} answers: the last published recommendation, marked
+    ``stale`` with the ``pending_trigger`` while the user's newest event is not reflected
+    in it (a refresh queued, or failing during an outage). The Recommendation fields are
+    unchanged, so readers of the topic contract can read this too."""
+    if latest is None:
+        return None
+    pending = (window or {}).get("pending_trigger")
+    behind = pending is not None and pending != latest.get("trigger_event_id")
+    return {**latest, "stale": bool(latest.get("stale")) or behind, "pending_trigger": pending if behind else None}
+
+
+async def search_status(engine: SearchEngine, secrets: list[str],
+                        timeout: float = HEALTH_SEARCH_TIMEOUT_S) -> dict[str, Any]:
+    """Whether the search engine answers now (document count), bounded by ``timeout``."""
+    try:
+        documents = await asyncio.wait_for(engine.count(), timeout)
+    except TimeoutError:
+        return {"ok": False, "documents": None, "error": f"no answer within {timeout:g}s"}
+    except Exception as exc:  # noqa: BLE001 - any failure is reported, never raised: /health must answer
+        return {"ok": False, "documents": None, "error": error_summary(exc, secrets)}
+    return {"ok": True, "documents": documents}
 
 
 @dataclass
@@ -61,6 +147,7 @@ class Worker:
     recommendations: Any
     refresh_done: Any
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)  # a refresh was queued
+    health: RefreshHealth = field(default_factory=RefreshHealth)
 
     @property
     def config(self) -> RecommendConfig:
@@ -122,9 +209,16 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
     users = app.Table("users", default=None, partitions=partitions, key_type=str)
     latest = app.Table("latest", default=None, partitions=partitions, key_type=str)
 
+    secrets = settings.secret_values()
     worker = Worker(app, settings, ActiveModel(model), engine, RefreshQueue(settings.refresh_min_interval_s),
-                    Metrics(), users, latest, recommendations, refresh_done)
+                    Metrics(), users, latest, recommendations, refresh_done, health=RefreshHealth(secrets))
     metrics, queue, active_model = worker.metrics, worker.queue, worker.active_model
+
+    async def reject(msg: Any, reason: str) -> None:
+        metrics.inc("events_dlq")
+        letter = dead_letter(msg.value if isinstance(msg.value, bytes) else b"", reason, topic=msg.topic,
+                             partition=msg.partition, offset=msg.offset)
+        await dlq.send(key=msg.key, value=letter.to_json_bytes())
 
     @app.agent(events)
     async def on_event(stream: faust.StreamT) -> None:
@@ -133,18 +227,23 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
             metrics.inc("events_in")
             try:
                 parsed = parse_event(msg.value if isinstance(msg.value, bytes) else b"")
-                if msg.key is not None and msg.key != parsed.user_id.encode("utf-8"):
+                # A keyless record lands on a random partition, so the user's row would be
+                # written from a shard that does not own it (and split across shards).
+                if msg.key != parsed.user_id.encode("utf-8"):
                     raise ValueError("record key must equal user_id (UTF-8): it decides the user's partition")
             except ValueError as exc:
-                metrics.inc("events_dlq")
-                letter = dead_letter(msg.value or b"", str(exc), topic=msg.topic, partition=msg.partition,
-                                     offset=msg.offset)
-                await dlq.send(key=msg.key, value=letter.to_json_bytes())
+                await reject(msg, str(exc))
                 continue
-            state = UserState.from_json(users.get(parsed.user_id))
-            users[parsed.user_id] = apply_event(
-                state, parsed, msg.partition, max_signals=settings.window_max_signals,
-                max_age_s=settings.window_max_age_s, clicked_memory=settings.clicked_memory).to_json()
+            try:
+                state = UserState.from_json(users.get(parsed.user_id))
+                new_state = apply_event(
+                    state, parsed, msg.partition, max_signals=settings.window_max_signals,
+                    max_age_s=settings.window_max_age_s, clicked_memory=settings.clicked_memory)
+            except Exception as exc:  # a poison record must not stop its partition: park it in the DLQ
+                log.exception("cannot apply event %r of user %r", parsed.event_id, parsed.user_id)
+                await reject(msg, f"cannot apply event: {error_summary(exc, secrets)}")
+                continue
+            users[parsed.user_id] = new_state.to_json()
             queue.schedule(parsed.user_id, parsed.event_id, msg.partition, time.monotonic())
             worker.wakeup.set()
             metrics.inc("events_applied")
@@ -188,39 +287,35 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
     async def on_revoked(app_: faust.App, revoked: set[Any], **_: Any) -> None:
         queue.forget_partitions({tp.partition for tp in revoked if tp.topic == settings.topic_events})
 
-    _user_table_view(app, latest, "/recommendations/{user_id}", "recommendation")
+    _user_table_view(app, latest, "/recommendations/{user_id}", "recommendation",
+                     lambda user_id, rec: served_recommendation(rec, users.get(user_id)))
     _user_table_view(app, users, "/users/{user_id}", "window")
 
     @app.page("/health")
     async def health(web: Any, request: Request) -> Response:
         # Ready = partitions assigned and tables recovered: before that, events wait unread.
         ready = bool(app.consumer.assignment()) and not app.rebalancing and app.tables.recovery.completed.is_set()
-        body = {"status": "ok" if ready else "starting", **active_model.status(), "engine": engine.name,
-                "documents": await engine.count(), "assigned_partitions": len(app.consumer.assignment())}
+        search = await search_status(engine, secrets)
+        # A search outage degrades the worker but does not make it unready: it keeps consuming
+        # and serving the last recommendations (stale), and a restart would not bring search back.
+        status = ("ok" if search["ok"] else "degraded") if ready else "starting"
+        body = {"status": status, **active_model.status(), "engine": engine.name,
+                "documents": search["documents"], "search": search, "refresh": worker.health.snapshot(),
+                "assigned_partitions": len(app.consumer.assignment())}
         return web.json(body, status=200 if ready else 503)
 
     @app.page("/stats")
     async def stats(web: Any, request: Request) -> Response:
         snap = metrics.snapshot() | {"queued": len(queue), "in_flight": queue.in_flight} | active_model.status()
-        return web.json(snap)
+        return web.json(snap | {"refresh": worker.health.snapshot()})
 
     return worker
 
 
-class _Backoff:
-    """Delay before retrying failed refreshes; resets on the first success."""
-
-    def __init__(self) -> None:
-        self.failures = 0
-
-    def next_delay(self) -> float:
-        delay = RETRY_BACKOFF_S[min(self.failures, len(RETRY_BACKOFF_S) - 1)]
-        self.failures += 1
-        return delay
-
-
-def _user_table_view(app: faust.App, table: Any, path: str, what: str) -> None:
-    """GET ``path`` → the user's row, answered by the worker that owns its partition."""
+def _user_table_view(app: faust.App, table: Any, path: str, what: str,
+                     present: Callable[[str, Any], Any] | None = None) -> None:
+    """GET ``path`` → the user's row (through ``present``), answered by the worker that
+    owns its partition (every table is partitioned by user_id alike)."""
 
     class UserTableView(View):
         @app.table_route(table=table, match_info="user_id")
@@ -228,7 +323,7 @@ def _user_table_view(app: faust.App, table: Any, path: str, what: str) -> None:
             value = table.get(user_id)
             if value is None:
                 return self.json({"error": f"no {what} for user {user_id!r} yet"}, status=404)
-            return self.json(value)
+            return self.json(present(user_id, value) if present else value)
 
     app.page(path, name=f"user-{what}")(UserTableView)
 
@@ -238,10 +333,16 @@ async def run_refresher(worker: Worker) -> None:
     a publishing task, so the next batch's model call overlaps this batch's search+publish."""
     settings, queue = worker.settings, worker.queue
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-    backoff = _Backoff()
     publishing: set[asyncio.Task[None]] = set()
     while True:
         await _wait_until_due(worker)
+        pause = worker.health.paused_until - time.monotonic()
+        if pause > 0:  # backing off a failing model/search: no batch at all until then
+            await asyncio.sleep(pause)
+            continue
+        if worker.health.failures and publishing:  # while failing, one probe batch at a time
+            await asyncio.wait(publishing)
+            continue
         if len(queue) < settings.batch_max_users and settings.batch_max_wait_ms and not publishing:
             await asyncio.sleep(settings.batch_max_wait_ms / 1000)  # idle: let a batch gather
         batch = queue.take_due(time.monotonic(), settings.batch_max_users)
@@ -249,10 +350,10 @@ async def run_refresher(worker: Worker) -> None:
             continue
         try:
             generated = await generate_batch(worker, batch, executor)
-        except Exception:
-            _failed(worker, batch, backoff, "model")
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the batch is retried, never lost
+            _failed(worker, batch, "model", exc)
             continue
-        task = asyncio.create_task(_publish_or_retry(worker, generated, backoff))
+        task = asyncio.create_task(_publish_or_retry(worker, generated))
         publishing.add(task)
         task.add_done_callback(publishing.discard)
         if len(publishing) >= 2:  # bound the work in flight
@@ -272,20 +373,30 @@ async def _wait_until_due(worker: Worker) -> None:
             pass
 
 
-def _failed(worker: Worker, batch: list[Refresh], backoff: _Backoff, stage: str) -> None:
-    delay = backoff.next_delay()
+def _failed(worker: Worker, batch: list[Refresh], stage: str, exc: BaseException) -> None:
+    now = time.monotonic()
+    first = worker.health.failures == 0
+    delay = worker.health.failed(stage, exc, now)
     worker.metrics.inc("batches_failed")
-    log.exception("%s stage failed for a batch of %d users; retrying in %.1fs", stage, len(batch), delay)
-    worker.queue.retry(batch, time.monotonic() + delay)
+    worker.metrics.inc(f"batches_failed_{stage.replace('/', '_')}")
+    if first:  # the traceback once per outage; then one line per retry
+        log.error("%s stage failed for a batch of %d users; retrying in %.1fs", stage, len(batch), delay,
+                  exc_info=exc)
+    else:
+        log.warning("%s stage failed again (%d in a row) for %d users: %s; retrying in %.1fs", stage,
+                    worker.health.failures, len(batch), worker.health.last_error["error"]
+                    if worker.health.last_error else "", delay)
+    worker.queue.retry(batch, now + delay)
     worker.wakeup.set()
 
 
-async def _publish_or_retry(worker: Worker, generated: Generated, backoff: _Backoff) -> None:
+async def _publish_or_retry(worker: Worker, generated: Generated) -> None:
     try:
         await publish_batch(worker, generated)
-        backoff.failures = 0
-    except Exception:
-        _failed(worker, generated.batch, backoff, "search/publish")
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the batch is retried, never lost
+        _failed(worker, generated.batch, "search/publish", exc)
+    else:
+        worker.health.succeeded()
 
 
 @dataclass

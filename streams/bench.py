@@ -17,6 +17,8 @@ import logging
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ def _index_into_elasticsearch(settings: WorkerSettings, articles: list[NewsArtic
     from index.elastic import ElasticEngine
 
     async def load_all() -> None:
-        engine = ElasticEngine(settings.es_url or "", settings.es_alias)
+        engine = ElasticEngine.from_settings(settings)
         try:
             await engine.rebuild(articles)
         finally:
@@ -72,7 +74,7 @@ def paced_schedule(users: int, events: int, rate: float) -> list[tuple[float, in
     return sorted(plan)[:events]
 
 
-class _Tally:
+class Tally:
     """Latency of each recommendation from its trigger event's production to its arrival.
 
     A trigger produced within the debounce interval after the user's previous
@@ -93,6 +95,7 @@ class _Tally:
     def sent(self, event: UserEvent) -> None:
         self.sent_at[event.event_id] = time.monotonic()
         self.last_event[event.user_id] = event.event_id
+        self.done.discard(event.user_id)  # a newer event is not covered yet
 
     def received(self, rec: Any, arrived: float) -> None:
         sent = self.sent_at.get(rec.trigger_event_id)
@@ -110,7 +113,7 @@ class _Tally:
 
 def _phase(settings: WorkerSettings, users: int, events: int, rate: float | None, timeout: float) -> dict[str, Any]:
     start_ts = datetime.now(UTC)
-    tally = _Tally(settings.refresh_min_interval_s)
+    tally = Tally(settings.refresh_min_interval_s)
     tag = uuid.uuid4().hex[:4]
     plan = paced_schedule(users, events, rate) if rate else [(0.0, i % users, i // users) for i in range(events)]
     group = f"newsrec-bench-{uuid.uuid4().hex[:8]}"
@@ -149,18 +152,26 @@ def _r(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-def bench_engine(engine: str, *, events: int, users: int, rate: float, model_dir: Path,
-                 articles: list[NewsArticle]) -> dict[str, Any]:
+def settings_from_env(env: dict[str, str]) -> WorkerSettings:
+    """The worker's settings as a worker started with these NEWSREC_* variables reads them."""
+    return load(WorkerSettings, **{k.removeprefix("NEWSREC_").lower(): v for k, v in env.items()
+                                   if k.startswith("NEWSREC_")})
+
+
+@contextmanager
+def local_stack(engine: str, model_dir: Path, articles: list[NewsArticle], *, name: str = "bench",
+                extra_env: dict[str, str] | None = None) -> Iterator[tuple[WorkerSettings, WorkerProcess]]:
+    """A fresh local broker (and Elasticsearch-API server), topics, the news, one ready worker."""
     from streams.infra import LocalInfra
 
-    state = Path(tempfile.mkdtemp(prefix=f"newsrec-bench-{engine}-"))
+    state = Path(tempfile.mkdtemp(prefix=f"newsrec-{name}-{engine}-"))
     infra = LocalInfra(state / "infra")
     try:
         env = {"NEWSREC_KAFKA_BOOTSTRAP": infra.start_broker(free_port()), "NEWSREC_STATE_DIR": str(state),
-               "NEWSREC_MODEL_DIR": str(model_dir), "NEWSREC_SEARCH_ENGINE": engine}
+               "NEWSREC_MODEL_DIR": str(model_dir), "NEWSREC_SEARCH_ENGINE": engine, **(extra_env or {})}
         if engine == "elasticsearch":
             env["NEWSREC_ES_URL"] = infra.start_search(free_port())
-        settings = load(WorkerSettings, **{k.removeprefix("NEWSREC_").lower(): v for k, v in env.items()})
+        settings = settings_from_env(env)
         ensure_topics(settings, extra=[settings.refresh_done_topic])
         if engine == "elasticsearch":
             _index_into_elasticsearch(settings, articles)
@@ -170,18 +181,35 @@ def bench_engine(engine: str, *, events: int, users: int, rate: float, model_dir
                     producer.send_article(a)
         with WorkerProcess(env, state / "worker.log") as worker:
             worker.wait_ready(documents=len(articles), timeout=180)
-            paced = _phase(settings, users, events, rate, timeout=120)
-            stats_paced = worker.stats()
-            burst = _phase(settings, users, events, None, timeout=300)
-            stats = worker.stats()
-        summaries = stats["summaries"]
-        return {"engine": engine, "documents": len(articles), "paced": paced, "burst": burst,
-                "model_batch_ms": summaries.get("model_batch_ms"), "search_batch_ms": summaries.get("search_batch_ms"),
-                "batch_users": summaries.get("batch_users"),
-                "paced_model_batch_ms": stats_paced["summaries"].get("model_batch_ms"),
-                "worker_paced": stats_paced, "worker_total": stats}
+            yield settings, worker
     finally:
         infra.stop()
+
+
+def bench_engine(engine: str, *, events: int, users: int, rate: float, model_dir: Path,
+                 articles: list[NewsArticle]) -> dict[str, Any]:
+    with local_stack(engine, model_dir, articles) as (settings, worker):
+        paced = _phase(settings, users, events, rate, timeout=120)
+        stats_paced = worker.stats()
+        burst = _phase(settings, users, events, None, timeout=300)
+        stats = worker.stats()
+    summaries = stats["summaries"]
+    return {"engine": engine, "documents": len(articles), "paced": paced, "burst": burst,
+            "model_batch_ms": summaries.get("model_batch_ms"), "search_batch_ms": summaries.get("search_batch_ms"),
+            "batch_users": summaries.get("batch_users"),
+            "paced_model_batch_ms": stats_paced["summaries"].get("model_batch_ms"),
+            "worker_paced": stats_paced, "worker_total": stats}
+
+
+def default_model_dir() -> Path:
+    """The tiny random test model, built once into the cache (benchmarks measure the pipeline)."""
+    from models.bootstrap import default_cache_dir
+    from models.tiny import build_tiny_model
+
+    tiny_root = default_cache_dir() / "models" / "tiny-random"
+    if (tiny_root / "onnx" / "manifest.json").exists():
+        return tiny_root / "onnx"
+    return build_tiny_model(tiny_root)
 
 
 def run_pipeline_bench(*, events: int, users: int, engines: list[str], out: Path, model_dir: Path | None,
@@ -190,13 +218,7 @@ def run_pipeline_bench(*, events: int, users: int, engines: list[str], out: Path
     from streams.demo import demo_corpus
 
     if model_dir is None:
-        from models.bootstrap import default_cache_dir
-        from models.tiny import build_tiny_model
-
-        tiny_root = default_cache_dir() / "models" / "tiny-random"
-        model_dir = tiny_root / "onnx"
-        if not (model_dir / "manifest.json").exists():
-            model_dir = build_tiny_model(tiny_root)
+        model_dir = default_model_dir()
     articles = list(read_mind_news(demo_corpus()))
     results = []
     for engine in engines:

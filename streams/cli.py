@@ -30,8 +30,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
                           "(the embedded engine is fed by each worker itself)")
 
     async def main() -> int:
-        engine = ElasticEngine(settings.es_url or "", settings.es_alias, api_key=settings.es_api_key_value(),
-                               ca_certs=str(settings.es_ca_certs) if settings.es_ca_certs else None)
+        engine = ElasticEngine.from_settings(settings)
         try:
             await engine.ensure_index()
             return await run_indexer(settings.consumer_config("newsrec-indexer"), settings.topic_news, engine,
@@ -121,6 +120,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                               out=args.out, model_dir=args.model_dir, rate=args.rate)
 
 
+def _cmd_bench_faults(args: argparse.Namespace) -> int:
+    from streams.overload import run_faults_bench
+
+    return run_faults_bench(events=args.events, users=args.users, bursts=args.bursts, out_dir=args.out_dir,
+                            model_dir=args.model_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="newsrec", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -172,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model-dir", type=Path, default=None, help="default: a tiny random test model")
     b.add_argument("--out", type=Path, default=Path("bench-results/pipeline.json"))
     b.set_defaults(func=_cmd_bench)
+    b = bsub.add_parser("faults", help="overload: bursts faster than the worker refreshes; RSS, lag, coalescing")
+    b.add_argument("--events", type=int, default=15_000, help="events per burst")
+    b.add_argument("--users", type=int, default=150)
+    b.add_argument("--bursts", type=int, default=3, help="bursts over the same users (RSS must not grow between)")
+    b.add_argument("--model-dir", type=Path, default=None, help="default: a tiny random test model")
+    b.add_argument("--out-dir", type=Path, default=Path("bench-results"),
+                   help="writes faults.json and faults-overload.png here")
+    b.set_defaults(func=_cmd_bench_faults)
 
     from training.data_cli import add_data_commands
     from training.eval_cli import add_eval_commands

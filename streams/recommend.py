@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Protocol
 
 from index.base import SearchEngine
-from models.prompt import build_prompt, parse_queries
+from models.prompt import build_prompt, parse_queries, sanitize_text
 from streams.fusion import FusedItem, rrf_fuse
 from streams.window import UserState
 
@@ -51,8 +51,11 @@ def generate_queries(model: QueryModel, states: Sequence[UserState], cfg: Recomm
 
 
 def signal_queries(state: UserState, n: int) -> list[str]:
-    """The user's most recent signal texts, used verbatim as queries."""
-    return [s.text for s in state.signals[:n]]
+    """The user's most recent signal texts as queries, sanitised like prompt lines: they are
+    published in each item's ``query``, so raw control characters or ChatML markers from
+    untrusted text must not reach consumers (a signal that sanitises to nothing is skipped)."""
+    cleaned = (sanitize_text(s.text) for s in state.signals[:n])
+    return [q for q in cleaned if q]
 
 
 async def retrieve(engine: SearchEngine, states: Sequence[UserState], queries: Sequence[Sequence[str]],

@@ -7,13 +7,37 @@ the variable and how to fix it (see :func:`load`).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _HOST_PORT = re.compile(r"^[\w.\-\[\]:]+:\d{1,5}$")
+# user:password@ inside a URL (any scheme); see redact().
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
+REDACTED = "***"
+
+
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` with every secret value and any URL credentials (user:pass@) masked.
+
+    For strings that may quote a secret by accident: exception messages from clients,
+    error summaries shown on /stats, config error messages."""
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return _URL_USERINFO.sub(rf"\g<scheme>{REDACTED}@", text)
+
+
+def _existing_file(value: Path | None, var: str, what: str) -> Path | None:
+    if value is None:
+        return None
+    if not value.is_file():
+        raise ValueError(f"{what} {str(value)!r} does not exist or is not a file: "
+                         f"point {var} at a readable PEM file (or unset it to use the system CAs)")
+    return value
 
 
 class ConfigError(ValueError):
@@ -23,7 +47,10 @@ class ConfigError(ValueError):
 class CommonSettings(BaseSettings):
     """What every role needs: where the broker, the topics and the search index are."""
 
-    model_config = SettingsConfigDict(env_prefix="NEWSREC_", frozen=True, extra="ignore", env_file=".env")
+    # hide_input_in_errors: a ValidationError's text would otherwise quote every input,
+    # secrets included (pydantic reports model-level errors with the whole input dict).
+    model_config = SettingsConfigDict(env_prefix="NEWSREC_", frozen=True, extra="ignore", env_file=".env",
+                                      hide_input_in_errors=True)
 
     kafka_bootstrap: str = "127.0.0.1:19092"
     # "local" works around the Tansu broker's end-offset bug (one-record batches);
@@ -47,6 +74,12 @@ class CommonSettings(BaseSettings):
     es_alias: str = "news"
     es_api_key: SecretStr | None = None
     es_ca_certs: Path | None = None
+    # False only for a test cluster with a self-signed certificate (logged as a warning).
+    es_verify_certs: bool = True
+    # Per request: a search server that stops answering fails the batch (retried with
+    # backoff) instead of hanging the refresher.
+    es_request_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    es_max_retries: int = Field(default=2, ge=0, le=10)
 
     state_dir: Path = Path(".newsrec")
 
@@ -65,7 +98,26 @@ class CommonSettings(BaseSettings):
             return None
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("expected an http(s) URL such as http://127.0.0.1:9200")
+        if "@" in urlsplit(value).netloc:
+            # A password in the URL ends up in logs and error messages; the key is a SecretStr.
+            raise ValueError("the URL must not carry credentials (user:password@): "
+                             "put an API key in NEWSREC_ES_API_KEY instead")
         return value.rstrip("/")
+
+    @field_validator("kafka_ssl_ca_location", "es_ca_certs", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("kafka_ssl_ca_location")
+    @classmethod
+    def _kafka_ca(cls, value: Path | None) -> Path | None:
+        return _existing_file(value, "NEWSREC_KAFKA_SSL_CA_LOCATION", "Kafka CA file")
+
+    @field_validator("es_ca_certs")
+    @classmethod
+    def _es_ca(cls, value: Path | None) -> Path | None:
+        return _existing_file(value, "NEWSREC_ES_CA_CERTS", "Elasticsearch CA file")
 
     @model_validator(mode="after")
     def _consistent(self) -> CommonSettings:
@@ -77,7 +129,36 @@ class CommonSettings(BaseSettings):
             raise ValueError(
                 "SASL needs NEWSREC_KAFKA_SASL_MECHANISM, NEWSREC_KAFKA_SASL_USERNAME and NEWSREC_KAFKA_SASL_PASSWORD"
             )
+        # Credentials or a CA the chosen protocol would silently ignore are a misconfiguration:
+        # the operator believes the connection is authenticated or encrypted when it is not.
+        sasl_set = self.kafka_sasl_mechanism or self.kafka_sasl_username or self.kafka_sasl_password
+        if sasl_set and not self.kafka_security_protocol.startswith("SASL"):
+            raise ValueError(f"NEWSREC_KAFKA_SASL_* are set but NEWSREC_KAFKA_SECURITY_PROTOCOL="
+                             f"{self.kafka_security_protocol} does not use them: set it to SASL_SSL")
+        if self.kafka_ssl_ca_location and not self.kafka_security_protocol.endswith("SSL"):
+            raise ValueError(f"NEWSREC_KAFKA_SSL_CA_LOCATION is set but NEWSREC_KAFKA_SECURITY_PROTOCOL="
+                             f"{self.kafka_security_protocol} does not use TLS: set it to SSL or SASL_SSL")
+        if self.es_ca_certs and not (self.es_url or "").startswith("https://"):
+            raise ValueError("NEWSREC_ES_CA_CERTS is set but NEWSREC_ES_URL is not https://: "
+                             "use the cluster's https URL (or unset the CA)")
         return self
+
+    def security_warnings(self) -> list[str]:
+        """Legal but risky combinations, logged at start-up (never containing secret values)."""
+        warnings = []
+        if self.es_api_key and self.es_url and self.es_url.startswith("http://"):
+            warnings.append("NEWSREC_ES_API_KEY is sent over plain http (NEWSREC_ES_URL): use https")
+        if not self.es_verify_certs:
+            warnings.append("NEWSREC_ES_VERIFY_CERTS=false: the search server's certificate is not checked")
+        if self.kafka_security_protocol == "SASL_PLAINTEXT":
+            warnings.append("NEWSREC_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT: Kafka traffic is not encrypted"
+                            + (" and the PLAIN password crosses the network in clear"
+                               if self.kafka_sasl_mechanism == "PLAIN" else ""))
+        return warnings
+
+    def secret_values(self) -> list[str]:
+        """The plain values of every secret setting, for :func:`redact`."""
+        return [v.get_secret_value() for v in (self.kafka_sasl_password, self.es_api_key) if v is not None]
 
     @property
     def engine(self) -> Literal["embedded", "elasticsearch"]:
@@ -152,6 +233,9 @@ class WorkerSettings(CommonSettings):
     results_per_query: int = Field(default=10, ge=1, le=100)
     items_per_user: int = Field(default=10, ge=1, le=100)
     model_threads: int = Field(default=0, ge=0, le=256)
+    # onnxruntime's CPU arena keeps its peak forever; off, worker RSS stays flat across
+    # load bursts (bench faults) at a small cost per batch.
+    model_memory_arena: bool = False
 
     @property
     def refresh_done_topic(self) -> str:
@@ -172,11 +256,19 @@ def load(cls: type[S], **overrides: Any) -> S:
     try:
         return cls(**overrides)
     except ValidationError as exc:
+        secret_fields = {name for name, f in cls.model_fields.items() if "SecretStr" in str(f.annotation)}
+        # The raw secrets as given (env or overrides), so a message that quotes one is masked too.
+        secrets = [str(v.get_secret_value() if isinstance(v, SecretStr) else v)
+                   for err in exc.errors(include_url=False) if isinstance(err.get("input"), dict)
+                   for k, v in err["input"].items() if k in secret_fields and v]
+        secrets += [str(v) for k, v in overrides.items() if k in secret_fields and v]
         lines = []
         for err in exc.errors(include_url=False):
             field = ".".join(str(p) for p in err.get("loc", ()))
             var = f"NEWSREC_{field.upper()}" if field else "settings"
-            got = err.get("input")
-            shown = "(hidden)" if "password" in field or "key" in field else repr(got)[:80]
-            lines.append(f"{var}: {err.get('msg')} (got {shown})")
+            msg = redact(str(err.get("msg")), secrets)
+            if field and field.split(".")[0] not in secret_fields:
+                msg += f" (got {redact(repr(err.get('input')), secrets)[:80]})"
+            # Model-level errors (no field) carry the whole input, secrets included: never shown.
+            lines.append(f"{var}: {msg}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

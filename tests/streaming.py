@@ -6,18 +6,24 @@ Clients here know only the README contracts (topic names, JSON values, key = use
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from index.corpus import read_mind_news
+from streams.contracts import parse_event
 from streams.demo import demo_corpus
+from streams.settings import WorkerSettings
 from streams.stack import WorkerProcess, get_json
+from streams.window import UserState, apply_event
 
 CORPUS = list(read_mind_news(demo_corpus()))
 CORPUS_IDS = {a.news_id for a in CORPUS}
@@ -47,6 +53,7 @@ class Stack:
                                   "partitioner": "murmur2_random"})
         self.workers: list[WorkerProcess] = []
         self.sent: dict[str, list[str]] = {}  # user -> event ids, in send order
+        self.events: dict[str, list[dict]] = {}  # user -> events, in send order
 
     def __getitem__(self, key: str) -> Any:  # the pipeline tests' dict-style access
         return {"env": self.env, "producer": self.producer, "start_worker": self.start_worker}[key]
@@ -74,6 +81,7 @@ class Stack:
         ev = event(user, i, text if text is not None else TEXTS[(hash(user) + i) % len(TEXTS)], **kw)
         self.producer.produce(self.topic("events"), key=user, value=json.dumps(ev))
         self.sent.setdefault(user, []).append(ev["event_id"])
+        self.events.setdefault(user, []).append(ev)
         return ev
 
     def flush(self) -> None:
@@ -118,3 +126,193 @@ def window_ids(url: str, user: str) -> list[str] | None:
         return [s["event_id"] for s in get_json(f"{url}/users/{user}")["signals"]]
     except OSError:
         return None
+
+
+# -- fault tests: traffic that keeps flowing, and what "nothing lost" means ----------------
+class Traffic:
+    """Background events: every ``interval_s`` one round (the next event of every user),
+    flushed before the next, so events keep flowing through crashes and restarts.
+    Use as a context manager; a send that fails is raised by :meth:`stop`."""
+
+    def __init__(self, stack: Stack, users: Iterable[str], interval_s: float = 1.0, *, first_round: int = 0) -> None:
+        self.stack, self.users, self.interval_s = stack, list(users), interval_s
+        self.first_round = self.rounds = first_round  # a round's number is its events' index
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for user in self.users:
+                    self.stack.send(user, self.rounds)
+                self.stack.flush()
+                self.rounds += 1
+                self._stop.wait(self.interval_s)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread by stop()
+            self._error = exc
+
+    def wait_rounds(self, rounds: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.rounds < rounds and self._thread.is_alive():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {self.rounds} of {rounds} rounds sent within {timeout}s")
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        """Stop after the round in progress; returns the number of events it sent."""
+        self._stop.set()
+        self._thread.join(60)
+        if self._error is not None:
+            raise self._error
+        assert not self._thread.is_alive(), "traffic thread did not stop"
+        return (self.rounds - self.first_round) * len(self.users)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def worker_settings(env: dict[str, str]) -> WorkerSettings:
+    """The settings a worker started with ``env`` runs on."""
+    return WorkerSettings(**{k.removeprefix("NEWSREC_").lower(): v for k, v in env.items() if k.startswith("NEWSREC_")})
+
+
+def expected_window(events: list[dict], settings: WorkerSettings) -> list[dict]:
+    """The window's signals a fault-free worker builds: each event applied once, in send order."""
+    state = UserState()
+    for ev in events:
+        state = apply_event(state, parse_event(json.dumps(ev).encode()), 0, max_signals=settings.window_max_signals,
+                            max_age_s=settings.window_max_age_s, clicked_memory=settings.clicked_memory)
+    return [s.to_json() for s in state.signals]
+
+
+def served_window(url: str, user: str) -> list[dict] | None:
+    """``user``'s window signals as the worker at ``url`` serves them (None: unknown user or no answer)."""
+    try:
+        return get_json(f"{url}/users/{user}", timeout=5.0)["signals"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def wait_for_windows(url: str, expected: dict[str, list[dict]], timeout: float = 60.0) -> dict[str, list[dict] | None]:
+    """Poll until every user's served window equals ``expected`` (or the timeout); the last answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        served = {user: served_window(url, user) for user in expected}
+        if served == expected or time.monotonic() > deadline:
+            return served
+        time.sleep(0.5)
+
+
+def read_topic(bootstrap: str, topic: str, *, idle_s: float = 2.0, timeout: float = 30.0) -> list:
+    """Every (key, JSON value) in ``topic``, read from the start until nothing arrives for ``idle_s``.
+
+    Assigned by hand (no group join to wait for) and ended by idleness, not by end offsets,
+    which the local broker can report too low."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"read-{uuid.uuid4().hex[:6]}",
+                         "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+    got: list = []
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        deadline = time.monotonic() + timeout
+        last = time.monotonic()
+        while time.monotonic() - last < idle_s and time.monotonic() < deadline:
+            for msg in consumer.consume(500, timeout=0.2):
+                if msg.error() is None:
+                    got.append((msg.key(), json.loads(msg.value())))
+                    last = time.monotonic()
+    finally:
+        consumer.close()
+    return got
+
+
+def wait_for_triggers(bootstrap: str, topic: str, triggers: set[str], timeout: float = 60.0) -> Counter[str]:
+    """How often each trigger_event_id was published to ``topic``, once every one of
+    ``triggers`` is there (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        published = Counter(value["trigger_event_id"] for _, value in read_topic(bootstrap, topic, idle_s=1.0))
+        if triggers <= published.keys() or time.monotonic() > deadline:
+            return published
+        time.sleep(0.5)
+
+
+@dataclass(frozen=True)
+class FaultCounts:
+    """One fault scenario's outcome, as reported in the issue."""
+
+    scenario: str
+    events_sent: int
+    events_in_state: int  # sent events found in the served windows at the end
+    recommendations: int  # records on the recommendations topic
+    duplicates: int  # records whose trigger_event_id was published before
+    dlq: int
+    seconds: float
+
+    def line(self) -> str:
+        return (f"{self.scenario}: {self.events_sent} events sent, {self.events_in_state} in state, "
+                f"{self.recommendations} recommendations published ({self.duplicates} duplicates), "
+                f"{self.dlq} dead letters, {self.seconds:.0f} s")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fault_counts(scenario: str, stack: Stack, served: dict[str, list[dict] | None], published: Counter[str],
+                 dlq: int, started: float) -> FaultCounts:
+    sent = {event_id for ids in stack.sent.values() for event_id in ids}
+    in_state = sum(len(sent & {s["event_id"] for s in window or []}) for window in served.values())
+    return FaultCounts(scenario, sum(len(ids) for ids in stack.sent.values()), in_state, sum(published.values()),
+                       sum(n - 1 for n in published.values()), dlq, round(time.monotonic() - started, 1))
+
+
+def counter(worker: WorkerProcess, name: str) -> int:
+    """One of the worker's /stats counters (0 while it does not answer)."""
+    try:
+        return int(worker.stats()["counters"].get(name, 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def wait_busy(worker: WorkerProcess, events: int, timeout: float = 30.0) -> None:
+    """Until the worker has applied ``events`` events and published a recommendation since it
+    started, so a fault lands while it is consuming and refreshing, not while idle."""
+    deadline = time.monotonic() + timeout
+    while counter(worker, "events_applied") < events or counter(worker, "recommendations_out") < 1:
+        assert time.monotonic() < deadline, f"worker not busy within {timeout}s:\n{worker.log_tail()}"
+        time.sleep(0.2)
+
+
+def check_nothing_lost(scenario: str, stack: Stack, url: str, started: float, *, timeout: float = 60.0,
+                       report: Callable[[FaultCounts], None] = print) -> FaultCounts:
+    """Assert that nothing sent through ``stack`` was lost, reading state through the worker at
+    ``url``, and return the scenario's counts. For every user:
+    - the served window equals the one a fault-free run builds (apply_event over the sent
+      events, in order) and holds every sent event (none skipped);
+    - the user's last event has a published recommendation with it as trigger_event_id
+      (at-least-once: every triggered refresh is eventually published; duplicates are counted);
+    and nothing was dead-lettered (every event sent was valid). The counts go to ``report``
+    before the assertions, so a failing run reports them too."""
+    settings = worker_settings(stack.env)
+    expected = {user: expected_window(events, settings) for user, events in stack.events.items()}
+    served = wait_for_windows(url, expected, timeout=timeout)
+    last = {user: ids[-1] for user, ids in stack.sent.items()}
+    published = wait_for_triggers(stack.bootstrap, stack.topic("recommendations"), set(last.values()), timeout)
+    dlq = read_topic(stack.bootstrap, stack.topic("dlq"))
+    counts = fault_counts(scenario, stack, served, published, len(dlq), started)
+    report(counts)
+
+    for user, sent in stack.sent.items():
+        ids = [s["event_id"] for s in served[user] or []]
+        assert ids and sorted(ids) == sorted(sent), f"{user}: events skipped or unknown: {ids}"
+        assert served[user] == expected[user], f"{user}: window differs from the fault-free one"
+    missing = {user: event_id for user, event_id in last.items() if event_id not in published}
+    assert not missing, f"last events never got a recommendation: {missing}"
+    assert dlq == [], f"valid events were dead-lettered: {dlq[:3]}"
+    assert counts.events_in_state == counts.events_sent
+    return counts

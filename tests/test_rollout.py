@@ -34,7 +34,7 @@ from streams.rollout import (
 )
 from streams.settings import WorkerSettings
 from streams.stack import WorkerProcess, get_json
-from tests.test_pipeline import CORPUS, consume, event
+from tests.streaming import CORPUS, consume, event
 from tests.test_refresher import add_event, make_worker, wait_for
 
 NOW = datetime(2026, 11, 1, 9, 30, tzinfo=UTC)
