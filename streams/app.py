@@ -180,6 +180,16 @@ def _faust_broker_options(settings: WorkerSettings) -> dict[str, Any]:
     return opts
 
 
+class _RawKeyTable(faust.Table):
+    """A table whose ``str`` keys are stored as their raw UTF-8 bytes, like the records'
+    keys: faust's default JSON key (b'"u-42"') hashes to another partition than the
+    user's events, so table_route (GET /users/{id} on a worker that does not own the
+    user) would forward the request to the wrong worker."""
+
+    def _serializer_from_type(self, typ: Any) -> Any:
+        return "raw" if typ is str else super()._serializer_from_type(typ)
+
+
 def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEngine, loader: Loader) -> Worker:
     """``model`` serves until a rollout swaps in an announced one, loaded with ``loader``."""
     partitions = settings.topic_partitions
@@ -198,6 +208,7 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
         web_bind=settings.web_bind,
         web_host=settings.web_host,
         table_standby_replicas=0,
+        Table=_RawKeyTable,
         **_faust_broker_options(settings),
     )
     raw = {"key_serializer": "raw", "value_serializer": "raw"}

@@ -54,13 +54,6 @@ class MisroutedError(AssertionError):
     """GET /users/{user} answered 404 on both workers for a user that has a window."""
 
 
-# Only the routing check is expected to fail: it raises MisroutedError last, after the
-# survivor's take-over and every "nothing lost" invariant, which fail the test as usual.
-@pytest.mark.xfail(raises=MisroutedError, strict=True, reason=(
-    "streams/app.py bug: Tables with key_type=str get faust's JSON key serializer, so table_route "
-    "hashes b'\"user\"' (murmur2 of the JSON-quoted key) while the user's events and table row sit on "
-    "the partition of the raw key b'user' (murmur2_random producers): users whose two hashes land on "
-    "partitions owned by different workers are routed to the worker without their row (404)"))
 def test_survivor_takes_over_a_killed_workers_partitions(
         stack: Stack, fault_report: Callable[[FaultCounts], None]) -> None:
     started = time.monotonic()
