@@ -380,5 +380,5 @@ def test_worker_survives_hostile_records_and_keeps_users_apart(stack: Any, kafka
     assert get_json(f"{worker.url}/health")["status"] == "ok"
     duplicates = sum(n - 1 for n in Counter((r["user_id"], r["trigger_event_id"]) for _, r in recs).values())
     in_state = sum(len(windows[u]["signals"]) for u in (A, B))
-    fault_report(FaultCounts("hostile input", len(bad) + total_good, in_state, len(recs), duplicates, len(letters),
+    fault_report(FaultCounts("hostile-input", len(bad) + total_good, in_state, len(recs), duplicates, len(letters),
                              time.monotonic() - t_start))

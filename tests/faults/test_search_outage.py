@@ -277,6 +277,6 @@ def test_worker_rides_out_a_search_outage(stack: Any, kafka_bootstrap: str, uniq
         assert log.count("stage failed for a batch") == 1  # one traceback per outage, then one-liners
         duplicates = sum(n - 1 for n in Counter((v["user_id"], v["trigger_event_id"]) for _, v in recs).values())
         print(f"\nsearch down {outage_s:.1f}s: {failed} failed batches, retried with backoff")
-        fault_report(FaultCounts("search outage", sum(len(v) for v in stack.sent.values()),
+        fault_report(FaultCounts("search-outage", sum(len(v) for v in stack.sent.values()),
                                  sum(len(w) for w in windows.values()), len(recs), duplicates, 0,
                                  time.monotonic() - t_start))
