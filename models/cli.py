@@ -33,7 +33,7 @@ def add_model_commands(subparsers: Any, bench: Any | None = None) -> None:
     p.add_argument("--int8-exclude", default=None, metavar="REGEX",
                    help="node names kept in fp32 (default: down_proj, whose outlier activations quantise worst; "
                         "'' quantises every MatMul)")
-    p.add_argument("--name", default=None, help="model name (default: the --model dir's name)")
+    p.add_argument("--name", default=None, help="model name (default: the --model dir's name; the run's for <run>/final)")
     p.add_argument("--version", default=None, help="version (default: <name>-<UTC timestamp>); int8 adds -int8")
     p.add_argument("--parent", default=None, help="version this model was trained from")
     p.add_argument("--overwrite", action="store_true", help="replace existing model dirs")
@@ -74,6 +74,12 @@ def _check_free(path: Path, overwrite: bool) -> None:
         raise ConfigError(f"{path} already exists (pass --overwrite to replace it)")
 
 
+def default_model_name(model_dir: Path) -> str:
+    """The model dir's name, or its run's for a training run's ``<run>/final``."""
+    resolved = model_dir.resolve()
+    return resolved.parent.name if resolved.name == "final" else resolved.name
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from models.export import ExportValidationError, export_onnx
     from models.quantize import QuantizeSettings, quantize_int8
@@ -85,7 +91,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     # Fail before the slow export, not after it.
     for path in [args.out] + ([int8_out] if args.int8 else []):
         _check_free(path, args.overwrite)
-    name = args.name or args.model.resolve().name
+    name = args.name or default_model_name(args.model)
     version = args.version or f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     try:
         manifest = export_onnx(args.model, args.out, name=name, version=version, parent=args.parent,

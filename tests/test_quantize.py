@@ -159,3 +159,10 @@ def test_export_cli_int8_options_need_int8(tiny_model_dir: Path, tmp_path: Path,
     code = main_for_tests(["export", "--model", str(tiny_model_dir.parent / "hf"), "--out", str(tmp_path / "m"),
                            "--int8-exclude", ""])
     assert code == 2 and "only apply with --int8" in capsys.readouterr().err
+
+
+def test_export_names_a_training_runs_final_dir_after_the_run(tmp_path: Path) -> None:
+    from models.cli import default_model_name
+
+    assert default_model_name(tmp_path / "distill-sup" / "final") == "distill-sup"
+    assert default_model_name(tmp_path / "my-model") == "my-model"
