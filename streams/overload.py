@@ -391,9 +391,9 @@ def write_report(report: dict[str, Any], json_path: Path, png_path: Path) -> Non
 def plot_overload(samples: Sequence[Sample], marks: Sequence[BurstMarks], summary: dict[str, Any],
                   path: Path) -> Path:
     """Three panels over time: events vs recommendations, lag (and queued), worker RSS."""
-    from training.plots import _pyplot
+    from training.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_ev, ax_lag, ax_rss) = plt.subplots(3, 1, figsize=(9, 8.5), sharex=True)
     t = [s.t for s in samples]
 
@@ -431,11 +431,7 @@ def plot_overload(samples: Sequence[Sample], marks: Sequence[BurstMarks], summar
         for m in marks:
             ax.axvspan(m.started, m.drained if m.drained is not None else m.produced, color="orange", alpha=0.12)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -9,13 +9,22 @@ from typing import Any
 from training.rewards import REWARD_NAMES
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
+def pyplot():  # type: ignore[no-untyped-def]
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG (creating its folder) and free it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
 
 
 def smooth(values: Sequence[float], window: int) -> list[float]:
@@ -31,7 +40,7 @@ def smooth(values: Sequence[float], window: int) -> list[float]:
 
 def plot_reward_curves(history: Sequence[Mapping[str, Any]], path: Path, *, title: str, window: int = 10) -> Path:
     """One line per reward (``rewards/<name>/mean`` of each logged step), smoothed."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name in REWARD_NAMES:
         points = [(h["step"], h[f"rewards/{name}/mean"]) for h in history
@@ -45,17 +54,13 @@ def plot_reward_curves(history: Sequence[Mapping[str, Any]], path: Path, *, titl
     ax.set_title(title)
     ax.legend(loc="best", fontsize="small")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_scaling(points: Sequence[Mapping[str, Any]], path: Path, *, x: str, x_label: str, title: str,
                  metrics: Sequence[str] = ("recall@10", "reward")) -> Path:
     """Metrics against compute (one subplot per metric), points labelled with their setting."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
     for ax, metric in zip(axes if len(metrics) > 1 else [axes], metrics, strict=True):
         xs = [p[x] for p in points]
@@ -68,8 +73,4 @@ def plot_scaling(points: Sequence[Mapping[str, Any]], path: Path, *, x: str, x_l
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
