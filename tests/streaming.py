@@ -30,6 +30,10 @@ CORPUS_IDS = {a.news_id for a in CORPUS}
 TEXTS = ["electric car battery range", "nba playoff injury report", "easy pasta recipe", "stock market rally",
          "cheap flights europe", "marathon training plan", "hurricane forecast coast", "new smartphone launch"]
 
+# Fault tests: the window keeps every event of the run, so "in state" can count each one.
+FAULT_ENV = {"NEWSREC_WINDOW_MAX_SIGNALS": "1000", "NEWSREC_REFRESH_MIN_INTERVAL_S": "0.5"}
+READY_S = 60.0  # a (re)started worker is ready in ~10-15 s; more on a loaded CI machine
+
 
 def stack_env(bootstrap: str, model_dir: Path, name: str, state_dir: Path) -> dict[str, str]:
     """Worker settings with topics unique to ``name``."""

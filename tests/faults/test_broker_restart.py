@@ -24,6 +24,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from streams.infra import LocalInfra, create_topics
 from streams.settings import CommonSettings
 from tests.streaming import (
+    FAULT_ENV,
+    READY_S,
     FaultCounts,
     Stack,
     Traffic,
@@ -36,8 +38,6 @@ from tests.streaming import (
 pytestmark = pytest.mark.integration
 
 USERS = [f"outage-{n}" for n in range(10)]
-ENV = {"NEWSREC_WINDOW_MAX_SIGNALS": "1000", "NEWSREC_REFRESH_MIN_INTERVAL_S": "0.5"}
-READY_S = 60.0
 OUTAGE_S = 8.0
 
 
@@ -60,7 +60,7 @@ def producer(bootstrap: str) -> Producer:
 
 @pytest.fixture
 def durable_stack(durable_bootstrap: str, tiny_model_dir: Path, unique_name: str, tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(stack_env(durable_bootstrap, tiny_model_dir, unique_name, tmp_path / "state") | ENV, tmp_path)
+    s = Stack(stack_env(durable_bootstrap, tiny_model_dir, unique_name, tmp_path / "state") | FAULT_ENV, tmp_path)
     s.producer = producer(durable_bootstrap)
     s.publish_news()
     yield s

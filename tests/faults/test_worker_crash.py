@@ -17,6 +17,8 @@ import pytest
 from streams.stack import WorkerProcess, get_json
 from tests.streaming import (
     CORPUS,
+    FAULT_ENV,
+    READY_S,
     FaultCounts,
     Stack,
     Traffic,
@@ -28,15 +30,12 @@ from tests.streaming import (
 pytestmark = pytest.mark.integration
 
 USERS = [f"crash-{n}" for n in range(12)]
-# The window keeps every event of the run, so "in state" can count each one.
-ENV = {"NEWSREC_WINDOW_MAX_SIGNALS": "1000", "NEWSREC_REFRESH_MIN_INTERVAL_S": "0.5"}
-READY_S = 60.0  # a (re)started worker is ready in ~10-15 s; more on a loaded CI machine
 
 
 def test_repeated_kill_9_of_the_only_worker_loses_nothing(
         stack: Stack, fault_report: Callable[[FaultCounts], None]) -> None:
     started = time.monotonic()
-    stack.env.update(ENV)
+    stack.env.update(FAULT_ENV)
     kills = 3
     worker = stack.start_worker(timeout=READY_S)
     with Traffic(stack, USERS, interval_s=1.0) as traffic:
@@ -57,7 +56,7 @@ class MisroutedError(AssertionError):
 def test_survivor_takes_over_a_killed_workers_partitions(
         stack: Stack, fault_report: Callable[[FaultCounts], None]) -> None:
     started = time.monotonic()
-    stack.env.update(ENV)
+    stack.env.update(FAULT_ENV)
     # Two workers of one app (same NEWSREC_APP_ID), each with its own web port.
     survivor, victim = (stack.start_worker(wait=False) for _ in range(2))
     for w in (survivor, victim):
