@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from streams.contracts import NewsArticle
+from index.document import NewsArticle
 
 
 @dataclass(frozen=True, slots=True)

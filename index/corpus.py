@@ -11,7 +11,7 @@ from typing import Literal, TypeVar
 
 from pydantic import ValidationError
 
-from streams.contracts import NewsArticle
+from index.document import NewsArticle
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from index.base import Hit, check_search_args
-from streams.contracts import NewsArticle
+from index.document import NewsArticle
 
 logger = logging.getLogger(__name__)
 

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 from elasticsearch import AsyncElasticsearch, BadRequestError, NotFoundError
 from elasticsearch.helpers import BulkIndexError, async_bulk
 
 from index.base import Hit, check_search_args
-from streams.contracts import NewsArticle
-
-if TYPE_CHECKING:
-    from streams.settings import CommonSettings
+from index.document import NewsArticle
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +86,7 @@ def client_options(
 class ElasticEngine:
     """BM25 over title^3, abstract, entities^1.5 behind an alias.
 
-    ``api_key`` is a secret: pass ``settings.es_api_key.get_secret_value()`` from a
+    ``api_key`` is a secret: pass the value of a
     pydantic ``SecretStr``, never a literal, and never log it. ``ca_certs`` is the path
     of the CA bundle for a TLS cluster with a private CA.
     """
@@ -114,16 +111,6 @@ class ElasticEngine:
             url, api_key=api_key, ca_certs=ca_certs, verify_certs=verify_certs, request_timeout=request_timeout,
             max_retries=max_retries))
         self._alias_ready = False
-
-    @classmethod
-    def from_settings(cls, settings: CommonSettings) -> ElasticEngine:
-        """The engine as configured by ``NEWSREC_ES_*`` (URL, alias, API key, CA, timeouts)."""
-        if not settings.es_url:
-            raise ValueError("NEWSREC_ES_URL is not set")
-        return cls(settings.es_url, settings.es_alias, api_key=settings.es_api_key_value(),
-                   ca_certs=str(settings.es_ca_certs) if settings.es_ca_certs else None,
-                   verify_certs=settings.es_verify_certs, request_timeout=settings.es_request_timeout_s,
-                   max_retries=settings.es_max_retries)
 
     async def __aenter__(self) -> Self:
         return self

@@ -13,7 +13,7 @@ from pathlib import Path
 import tantivy
 
 from index.base import Hit, check_search_args
-from streams.contracts import NewsArticle
+from index.document import NewsArticle
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ result is cached with ``save_pretrained`` and reused.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import os
@@ -177,18 +176,3 @@ def bootstrap(out_dir: Path, cache_dir: Path | None = None, *, overwrite: bool =
         version=BOOTSTRAP_VERSION,
         overwrite=overwrite,
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    manifest = bootstrap(args.out_dir, args.cache_dir, overwrite=args.overwrite)
-    print(manifest.model_dump_json(indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -151,10 +151,7 @@ class Worker:
 
     @property
     def config(self) -> RecommendConfig:
-        s = self.settings
-        return RecommendConfig(max_queries=s.max_queries, max_new_tokens=s.max_new_tokens,
-                               prompt_signals=s.prompt_signals, results_per_query=s.results_per_query,
-                               items_per_user=s.items_per_user)
+        return RecommendConfig.from_settings(self.settings)
 
 
 def _faust_broker_options(settings: WorkerSettings) -> dict[str, Any]:

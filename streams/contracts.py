@@ -14,16 +14,13 @@ from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any, Literal, TypeVar
 
-from pydantic import (
-    AwareDatetime,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-)
+from pydantic import AwareDatetime, Field, ValidationError, field_validator
 
-SCHEMA_VERSION = 1
+# The news-articles value is the indexed document: defined in index/, re-exported here.
+from index.document import SCHEMA_VERSION as SCHEMA_VERSION
+from index.document import NewsArticle as NewsArticle
+from index.document import Record as _Contract
+
 MAX_TEXT_CHARS = 2_000
 MAX_META_BYTES = 4_096
 # Event times outside this range are producer bugs (or attacks): near datetime's limits,
@@ -32,13 +29,6 @@ MIN_EVENT_TS = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_EVENT_TS = datetime(2100, 1, 1, tzinfo=UTC)
 
 Domain = Literal["search", "browse", "news_click", "app"]
-
-
-class _Contract(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-    def to_json_bytes(self) -> bytes:
-        return self.model_dump_json().encode("utf-8")
 
 
 def _clean_text(value: str, *, field: str, max_chars: int) -> str:
@@ -98,20 +88,6 @@ class UserEvent(_Contract):
         if size > MAX_META_BYTES:
             raise ValueError(f"meta is {size} bytes as JSON, more than {MAX_META_BYTES}")
         return value
-
-
-class NewsArticle(_Contract):
-    """One article on topic ``news-articles`` (key = news_id)."""
-
-    schema_version: Literal[1] = SCHEMA_VERSION
-    news_id: str = Field(min_length=1, max_length=64)
-    title: str = Field(min_length=1, max_length=1_000)
-    abstract: str = Field(default="", max_length=10_000)
-    category: str = ""
-    subcategory: str = ""
-    url: str | None = None
-    entities: list[str] = Field(default_factory=list)
-    published_at: AwareDatetime | None = None
 
 
 class RecItem(_Contract):

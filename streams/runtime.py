@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from index.base import SearchEngine
-from index.feed import IndexFollower
+from streams.feed import IndexFollower
 from streams.producer import ensure_topics
 from streams.recommend import QueryModel
 from streams.rollout import Loader
@@ -19,9 +19,8 @@ log = logging.getLogger(__name__)
 def open_engine(settings: CommonSettings) -> tuple[SearchEngine, IndexFollower | None]:
     """The configured engine; the embedded one comes with a follower that feeds it."""
     if settings.engine == "elasticsearch":
-        from index.elastic import ElasticEngine
 
-        return ElasticEngine.from_settings(settings), None
+        return settings.elastic_engine(), None
     from index.embedded import EmbeddedEngine
 
     embedded = EmbeddedEngine()

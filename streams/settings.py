@@ -9,11 +9,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from index.elastic import ElasticEngine
 
 _HOST_PORT = re.compile(r"^[\w.\-\[\]:]+:\d{1,5}$")
 # user:password@ inside a URL (any scheme); see redact().
@@ -205,6 +208,17 @@ class CommonSettings(BaseSettings):
     def es_api_key_value(self) -> str | None:
         return self.es_api_key.get_secret_value() if self.es_api_key else None
 
+    def elastic_engine(self) -> ElasticEngine:
+        """The engine as configured by ``NEWSREC_ES_*`` (URL, alias, API key, CA, timeouts)."""
+        from index.elastic import ElasticEngine  # the client library loads only when ES is used
+
+        if not self.es_url:
+            raise ConfigError("NEWSREC_ES_URL is not set: point it at the Elasticsearch cluster")
+        return ElasticEngine(self.es_url, self.es_alias, api_key=self.es_api_key_value(),
+                             ca_certs=str(self.es_ca_certs) if self.es_ca_certs else None,
+                             verify_certs=self.es_verify_certs, request_timeout=self.es_request_timeout_s,
+                             max_retries=self.es_max_retries)
+
 
 class WorkerSettings(CommonSettings):
     """The recommendation worker (``newsrec worker``)."""
@@ -232,6 +246,8 @@ class WorkerSettings(CommonSettings):
     prompt_signals: int = Field(default=20, ge=1, le=1_000)
     results_per_query: int = Field(default=10, ge=1, le=100)
     items_per_user: int = Field(default=10, ge=1, le=100)
+    # Recent signal texts that back-fill a user whose model queries find too few items.
+    backfill_signals: int = Field(default=2, ge=0, le=50)
     model_threads: int = Field(default=0, ge=0, le=256)
     # onnxruntime's CPU arena keeps its peak forever; off, worker RSS stays flat across
     # load bursts (bench faults) at a small cost per batch.

@@ -10,7 +10,7 @@ from uuid import uuid4
 
 import pytest
 
-from streams.infra import LocalInfra
+from tools.infra import LocalInfra
 
 # shared/ sits beside the repository checkout (read-only input).
 MIND_NEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "mind" / "news.tsv"
@@ -56,9 +56,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_sim_dataset(mind_news_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 simulated users over the first 300 MIND articles (a corpus MiniLM embeds in seconds)."""
+    from evaluation.dataset import write_dataset
+    from evaluation.simulate import SimulationConfig, simulate
     from index.corpus import read_mind_news
-    from training.dataset import write_dataset
-    from training.simulate import SimulationConfig, simulate
 
     lines = list(islice(mind_news_path.open(encoding="utf-8"), 300))
     path = tmp_path_factory.mktemp("grpo-data")

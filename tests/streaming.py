@@ -20,10 +20,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from index.corpus import read_mind_news
 from streams.contracts import parse_event
-from streams.demo import demo_corpus
 from streams.settings import WorkerSettings
-from streams.stack import WorkerProcess, get_json
 from streams.window import UserState, apply_event
+from tools.demo import demo_corpus
+from tools.stack import WorkerProcess, get_json
 
 CORPUS = list(read_mind_news(demo_corpus()))
 CORPUS_IDS = {a.news_id for a in CORPUS}

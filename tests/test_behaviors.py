@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from evaluation.behaviors import BehaviorsError, BehaviorsReadStats, behaviors_stats, read_mind_behaviors
 from index.corpus import read_mind_news
-from training.behaviors import BehaviorsError, BehaviorsReadStats, behaviors_stats, read_mind_behaviors
 
 GOOD = "7\tU1\t11/11/2019 9:05:58 AM\tN1 N2\tN3-1 N4-0\n"
 

@@ -8,7 +8,11 @@ from typing import Any
 
 import pytest
 
-from models.bench import (
+from commands.models_cli import main_for_tests
+from models.export import parity_prompts
+from models.runtime import OnnxCausalLM
+from models.torch_lm import TorchCausalLM
+from tools.bench_models import (
     ONNX_FP32,
     ONNX_INT8,
     STUDENT,
@@ -17,10 +21,6 @@ from models.bench import (
     fixed_prompts,
     target_checks,
 )
-from models.cli import main_for_tests
-from models.export import parity_prompts
-from models.runtime import OnnxCausalLM
-from models.torch_lm import TorchCausalLM
 
 ROLES = [TEACHER, STUDENT, ONNX_FP32, ONNX_INT8]
 RATIO_KEYS = {

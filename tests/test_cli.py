@@ -2,8 +2,8 @@
 
 import pytest
 
-from streams.cli import main
-from streams.stack import free_port
+from commands.cli import main
+from tools.stack import free_port
 
 
 def test_bad_config_fails_at_start_with_the_variable_named(monkeypatch, capsys):

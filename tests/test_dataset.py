@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.contracts import UserEvent
-from training.dataset import (
+from evaluation.dataset import (
     EVENTS_FILE,
     META_FILE,
     NEWS_FILE,
@@ -20,6 +19,7 @@ from training.dataset import (
     validate_dataset,
     write_dataset,
 )
+from streams.contracts import UserEvent
 
 NEWS_ROWS = [
     "N1\tsports\tgolf\tTiger wins again\tAbstract one\thttps://x/1\t[]\t[]",

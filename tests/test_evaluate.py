@@ -11,13 +11,10 @@ from typing import Any
 
 import pytest
 
-from streams.contracts import NewsArticle, UserEvent
-from streams.recommend import RecommendConfig
-from streams.window import UserState
-from training.baselines import LexicalBaseline, LLMQueries, PopularBaseline, resolve_method
-from training.dataset import load_dataset
-from training.eval_cli import add_eval_commands
-from training.evaluate import (
+from commands.eval_cli import add_eval_commands
+from evaluation.baselines import LexicalBaseline, LLMQueries, PopularBaseline, resolve_method
+from evaluation.dataset import load_dataset
+from evaluation.evaluate import (
     EvalConfig,
     WindowConfig,
     build_state,
@@ -28,6 +25,9 @@ from training.evaluate import (
     overlap_stats,
     overlap_study,
 )
+from streams.contracts import NewsArticle, UserEvent
+from streams.recommend import RecommendConfig
+from streams.window import UserState
 
 # (category, subcategory, words every article of the topic shares)
 TOPICS = [
@@ -145,13 +145,13 @@ async def test_lexical_popular_and_tiny_model_through_the_harness(dataset_dir: P
 
 def test_lexical_query_counts_follow_the_window(dataset_dir: Path) -> None:
     ds = load_dataset(dataset_dir)
-    state = build_state(ds.events["warm0"], WindowConfig.worker_defaults())
+    state = build_state(ds.events["warm0"], WindowConfig.from_settings())
     # newest first; four signals, the two clicks remembered
     assert [s.event_id for s in state.signals] == ["warm0-3", "warm0-2", "warm0-1", "warm0-0"]
     assert state.clicked == (nid(0, 0), nid(0, 1))
     queries = LexicalBaseline().queries([state], RecommendConfig(max_queries=3))
     assert queries == [[s.text for s in state.signals[:3]]]
-    assert WindowConfig.worker_defaults() == WindowConfig(30, 7 * 24 * 3600, 200)
+    assert WindowConfig.from_settings() == WindowConfig(30, 7 * 24 * 3600, 200)
     assert dataset_cutoff(ds) == T0 + timedelta(minutes=40)
 
 

@@ -3,7 +3,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from index.base import Hit
-from streams.fusion import RRF_K, rrf_fuse
+from index.fusion import RRF_K, rrf_fuse
 
 
 def hits(*ids: str) -> list[Hit]:

@@ -10,7 +10,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
-from streams.infra import InfraError, LocalInfra, create_topics
+from tools.infra import InfraError, LocalInfra, create_topics
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from training.metrics import (
+from evaluation.metrics import (
     aggregate,
     hit_rate_at_k,
     interest_coverage,

@@ -11,7 +11,6 @@ from datetime import datetime
 
 import pytest
 
-from streams.stack import get_json
 from tests.streaming import (
     CORPUS_IDS,
     TEXTS,
@@ -20,6 +19,7 @@ from tests.streaming import (
     latest_by_user,
     window_ids,
 )
+from tools.stack import get_json
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +123,7 @@ def test_worker_restart_mid_stream_keeps_every_window(stack, kafka_bootstrap):
 
 def test_outside_client_with_elasticsearch_engine(stack, kafka_bootstrap, es_url, unique_name, monkeypatch):
     """Broker and Elasticsearch given by env only; news indexed by `newsrec index`; plain clients."""
-    from streams.cli import main
+    from commands.cli import main
 
     env = stack["env"] | {"NEWSREC_ES_URL": es_url, "NEWSREC_ES_ALIAS": f"{unique_name}-news",
                           "NEWSREC_SEARCH_ENGINE": "auto"}
@@ -157,7 +157,7 @@ def test_outside_client_with_elasticsearch_engine(stack, kafka_bootstrap, es_url
 
 def test_produce_cli_publishes_events_file_and_rejects_bad_lines(kafka_bootstrap, unique_name, tmp_path,
                                                                   monkeypatch):
-    from streams.cli import main
+    from commands.cli import main
 
     monkeypatch.setenv("NEWSREC_KAFKA_BOOTSTRAP", kafka_bootstrap)
     monkeypatch.setenv("NEWSREC_TOPIC_EVENTS", f"{unique_name}-events")

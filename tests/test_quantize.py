@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 import pytest
 
+from commands.models_cli import main_for_tests
 from models import export as export_mod
 from models import quantize as quantize_mod
-from models.cli import main_for_tests
 from models.export import ExportValidationError, parity_prompts
 from models.manifest import read_manifest, sha256_file, verify_manifest
 from models.quantize import QuantizeSettings, quantize_int8
@@ -162,7 +162,7 @@ def test_export_cli_int8_options_need_int8(tiny_model_dir: Path, tmp_path: Path,
 
 
 def test_export_names_a_training_runs_final_dir_after_the_run(tmp_path: Path) -> None:
-    from models.cli import default_model_name
+    from commands.models_cli import default_model_name
 
     assert default_model_name(tmp_path / "distill-sup" / "final") == "distill-sup"
     assert default_model_name(tmp_path / "my-model") == "my-model"

@@ -33,9 +33,9 @@ from streams.rollout import (
     startup_candidates,
 )
 from streams.settings import WorkerSettings
-from streams.stack import WorkerProcess, get_json
 from tests.streaming import CORPUS, consume, event
 from tests.test_refresher import add_event, make_worker, wait_for
+from tools.stack import WorkerProcess, get_json
 
 NOW = datetime(2026, 11, 1, 9, 30, tzinfo=UTC)
 SHA = "ab" * 32
@@ -137,7 +137,7 @@ def test_register_refuses_a_dir_that_does_not_verify(tmp_path):
 
 
 def test_cli_publish_refuses_a_bad_dir_with_exit_code_2(tmp_path, monkeypatch, capsys):
-    from streams.cli import main
+    from commands.cli import main
 
     monkeypatch.setenv("NEWSREC_STATE_DIR", str(tmp_path / "state"))
     src = fake_model_dir(tmp_path / "export", "v1")
@@ -381,8 +381,8 @@ def wait_rollout(worker: WorkerProcess, version: str, timeout: float = 90.0) -> 
 @pytest.mark.integration
 def test_worker_rolls_out_a_published_version_and_refuses_a_corrupted_one(
         rollout_stack, kafka_bootstrap, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from commands.cli import main
     from models.tiny import build_tiny_model
-    from streams.cli import main
 
     env = rollout_stack["env"]
     model_b = build_tiny_model(tmp_path / "tiny-1", seed=1)

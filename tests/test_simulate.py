@@ -17,11 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from index.corpus import read_mind_news
-from streams.contracts import NewsArticle, UserEvent
-from training.data_cli import _cmd_behaviors, add_data_commands
-from training.dataset import Target, load_dataset, validate_dataset, write_dataset
-from training.simulate import (
+from commands.data_cli import _cmd_behaviors, add_data_commands
+from evaluation.dataset import Target, load_dataset, validate_dataset, write_dataset
+from evaluation.simulate import (
     STOPWORDS,
     SimulationConfig,
     SimulationError,
@@ -31,6 +29,8 @@ from training.simulate import (
     summarize,
     tokens,
 )
+from index.corpus import read_mind_news
+from streams.contracts import NewsArticle, UserEvent
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def test_identical_across_processes_with_different_hash_seeds(tmp_path: Path, mi
     for hash_seed in ("1", "2"):
         out = tmp_path / f"h{hash_seed}"
         env = dict(os.environ, PYTHONHASHSEED=hash_seed)
-        subprocess.run([sys.executable, "-m", "training.data_cli", "data", "simulate", "--news", str(mind_news_path),
+        subprocess.run([sys.executable, "-m", "commands.data_cli", "data", "simulate", "--news", str(mind_news_path),
                         "--out", str(out), "--users", "30", "--seed", "5"], cwd=REPO, env=env, check=True,
                        capture_output=True)
         outs.append(out)

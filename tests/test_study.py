@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from evaluation.dataset import load_dataset
 from streams.recommend import RecommendConfig, user_prompt
 from streams.window import UserState
-from training.dataset import load_dataset
 from training.grpo import GRPORunConfig
 from training.study import PromptKeyedQueries, best_of, capacity_study, sampling_study, save_study
 

@@ -20,14 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from evaluation.dataset import load_dataset
+from evaluation.evaluate import WindowConfig, build_state, dataset_cutoff
 from streams.recommend import RecommendConfig, user_prompt
 from streams.settings import ConfigError
-from training.dataset import load_dataset
-from training.evaluate import WindowConfig, build_state, dataset_cutoff
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ class DistillConfig:
     max_steps: int = 50
     batch_size: int = 8  # prompts per step
     learning_rate: float = 5e-5
-    max_completion_length: int = RecommendConfig().max_new_tokens
+    # what the worker generates (NEWSREC_MAX_NEW_TOKENS)
+    max_completion_length: int = field(default_factory=lambda: RecommendConfig.from_settings().max_new_tokens)
     temperature: float = 1.0  # on-policy sampling and the KL's temperature
     threads: int | None = None
     seed: int = 0
@@ -73,7 +74,7 @@ class DistillConfig:
 def training_prompts(data: Path, users: int | None) -> list[str]:
     """The worker's prompt for each target user (window at the dataset cutoff)."""
     dataset = load_dataset(data)
-    window, now, rc = WindowConfig.worker_defaults(), dataset_cutoff(dataset), RecommendConfig()
+    window, now, rc = WindowConfig.from_settings(), dataset_cutoff(dataset), RecommendConfig.from_settings()
     return [user_prompt(build_state(dataset.events.get(u, ()), window), rc, now) for u in dataset.users[:users]]
 
 

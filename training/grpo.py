@@ -22,14 +22,14 @@ import math
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from evaluation.dataset import Dataset, load_dataset
+from evaluation.evaluate import EvalConfig, WindowConfig, build_state, dataset_cutoff
 from streams.recommend import RecommendConfig, user_prompt
 from streams.settings import ConfigError
-from training.dataset import Dataset, load_dataset
-from training.evaluate import EvalConfig, WindowConfig, build_state, dataset_cutoff
 from training.rewards import REWARD_NAMES
 from training.scoring import RewardConfig, RewardScorer, UserContext
 
@@ -58,7 +58,8 @@ class GRPORunConfig:
     warmup_steps: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
-    max_completion_length: int = RecommendConfig().max_new_tokens  # what the worker generates
+    # what the worker generates (NEWSREC_MAX_NEW_TOKENS)
+    max_completion_length: int = field(default_factory=lambda: RecommendConfig.from_settings().max_new_tokens)
     beta: float = 0.0  # KL to the reference model; Dr.GRPO drops it
     layers: int | None = None  # keep only the first N transformer blocks (smaller teachers)
     train_layers: int | None = None  # train only the top N blocks and the final norm; None = all
@@ -152,7 +153,7 @@ class GRPORunConfig:
 def user_rows(dataset: Dataset, scorer: RewardScorer, *, users: int | None, recommend: RecommendConfig,
               with_targets: bool = True) -> list[dict[str, Any]]:
     """One training row per target user: the worker's prompt plus the reward context."""
-    window = WindowConfig.worker_defaults()
+    window = WindowConfig.from_settings()
     now = dataset_cutoff(dataset)
     rows = []
     for user in dataset.users[:users]:
@@ -259,7 +260,7 @@ def train_grpo(cfg: GRPORunConfig, *, resume: bool = False, progress: bool = Tru
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    recommend = RecommendConfig(max_new_tokens=cfg.max_completion_length)
+    recommend = replace(RecommendConfig.from_settings(), max_new_tokens=cfg.max_completion_length)
 
     train = load_dataset(cfg.train_data)
     scorer = RewardScorer(train.news, config=RewardConfig())
@@ -352,8 +353,8 @@ def export_run(final: Path, onnx_dir: Path, *, name: str, version: str, parent: 
 
 def evaluate_run(onnx_dir: Path, eval_data: Path, *, users: int | None, name: str, progress: bool = True
                  ) -> dict[str, Any]:
-    from training.baselines import LLMQueries
-    from training.evaluate import run_evaluation
+    from evaluation.baselines import LLMQueries
+    from evaluation.evaluate import run_evaluation
 
     method = LLMQueries.from_dir(onnx_dir, name)
     return run_evaluation(load_dataset(eval_data), [method], EvalConfig(samples=users, progress=progress,

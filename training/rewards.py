@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from evaluation.metrics import recall_at_k
 from models.prompt import parse_queries, sanitize_text
-from training.metrics import recall_at_k
 
 REWARD_NAMES: tuple[str, ...] = ("align", "coverage", "specificity", "diversity", "format", "utility")
 
@@ -232,7 +232,7 @@ def align_reward(query_vecs: np.ndarray, result_vecs: Sequence[np.ndarray]) -> f
 def diversity_reward(query_vecs: np.ndarray) -> float:
     """Mean over distinct pairs of ``1 - cos``, each clipped into [0, 1]; 0.0 below 2 queries.
 
-    Equals ``training.metrics.query_diversity`` whenever no pair is anti-correlated.
+    Equals ``evaluation.metrics.query_diversity`` whenever no pair is anti-correlated.
     """
     unit = _unit_rows(query_vecs, "query_vecs")
     n = unit.shape[0]
@@ -255,7 +255,7 @@ def _not_a_string(value: object, what: str) -> None:
 def coverage_reward(result_clusters: Sequence[Collection[str]], window_clusters: Collection[str]) -> float:
     """Share of the distinct window clusters present among the queries' result clusters.
 
-    Empty cluster names are ignored (as in ``training.metrics.interest_coverage``); 0.0 when
+    Empty cluster names are ignored (as in ``evaluation.metrics.interest_coverage``); 0.0 when
     the window has no cluster.
     """
     _not_a_string(window_clusters, "window_clusters")

@@ -21,9 +21,8 @@ import numpy as np
 
 from index.dense import MiniLMEmbedder, article_text
 from index.embedded import EmbeddedEngine
-from models.prompt import parse_queries
 from streams.contracts import NewsArticle
-from streams.fusion import rrf_fuse
+from streams.recommend import RecommendConfig, fuse_user, parse_completion, signal_queries
 from streams.window import UserState
 from training.rewards import (
     FormatRules,
@@ -42,14 +41,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RewardConfig:
-    results_per_query: int = 10  # top-K used by align and coverage (the paper: top-10)
-    utility_k: int = 10  # Recall@K of the held-out clicks
+    # The serving limits (one source, WorkerSettings): queries are parsed, searched
+    # (top results_per_query: align and coverage, the paper's top-10) and fused exactly as
+    # the worker does; utility is Recall@items_per_user of the held-out clicks.
+    recommend: RecommendConfig = field(default_factory=RecommendConfig.from_settings)
     specificity_saturation: float = 2.0
     format: FormatRules = field(default_factory=FormatRules)
 
     def __post_init__(self) -> None:
-        if self.results_per_query < 1 or self.utility_k < 1:
-            raise ValueError("results_per_query and utility_k must be at least 1")
         if self.specificity_saturation <= 0:
             raise ValueError("specificity_saturation must be positive (it is the IDF mass that counts as fully specific)")
 
@@ -62,15 +61,16 @@ class UserContext:
     clusters: tuple[str, ...]  # the window's distinct interest clusters (coverage)
     clicked: tuple[str, ...] = ()  # excluded from the utility ranking, as the worker does
     targets: tuple[str, ...] = ()  # held-out future clicks (utility); empty at inference time
+    backfill: tuple[str, ...] = ()  # the worker's back-fill queries for this user (signal_queries)
 
     def to_row(self) -> dict[str, list[str]]:
         return {"signal_texts": list(self.signal_texts), "clusters": list(self.clusters),
-                "clicked": list(self.clicked), "targets": list(self.targets)}
+                "clicked": list(self.clicked), "targets": list(self.targets), "backfill": list(self.backfill)}
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> UserContext:
         return cls(tuple(row["signal_texts"]), tuple(row["clusters"]), tuple(row.get("clicked") or ()),
-                   tuple(row.get("targets") or ()))
+                   tuple(row.get("targets") or ()), tuple(row.get("backfill") or ()))
 
 
 class RewardScorer:
@@ -114,7 +114,9 @@ class RewardScorer:
                 clusters.append(self.cluster_of[s.news_id])
             elif best := next(hits):
                 clusters.append(self.cluster_of[best[0].news_id])
-        return UserContext(tuple(texts), tuple(dict.fromkeys(clusters)), tuple(state.clicked), tuple(targets))
+        backfill = signal_queries(state, self.config.recommend.backfill_signals)
+        return UserContext(tuple(texts), tuple(dict.fromkeys(clusters)), tuple(state.clicked), tuple(targets),
+                           tuple(backfill))
 
     # -- scoring ---------------------------------------------------------------------------
     def score(self, completions: Sequence[str], contexts: Sequence[UserContext]) -> list[dict[str, float]]:
@@ -133,28 +135,30 @@ class RewardScorer:
         return [self._memo[(c, u)] for c, u in zip(completions, contexts, strict=True)]
 
     def _score_uncached(self, completions: Sequence[str], contexts: Sequence[UserContext]) -> list[dict[str, float]]:
-        cfg = self.config
-        queries = [parse_queries(c, max_queries=cfg.format.max_queries, max_chars=cfg.format.max_chars)
-                   for c in completions]
-        flat = [q for qs in queries for q in qs]
-        k = max(cfg.results_per_query, cfg.utility_k)
-        results = self.engine.search_many_sync(flat, k=k) if flat else []
-        distinct = list(dict.fromkeys(flat))
-        vec_of = dict(zip(distinct, self.embedder.encode(distinct), strict=True)) if distinct else {}
-        out, offset = [], 0
-        for completion, qs, ctx in zip(completions, queries, contexts, strict=True):
-            hits = results[offset: offset + len(qs)]
+        cfg, rc = self.config, self.config.recommend
+        queries = [parse_completion(c, rc) for c in completions]
+        groups = queries + [list(ctx.backfill) for ctx in contexts]
+        flat = [q for qs in groups for q in qs]
+        results = self.engine.search_many_sync(flat, k=rc.results_per_query) if flat else []
+        per_group, offset = [], 0
+        for qs in groups:
+            per_group.append(results[offset: offset + len(qs)])
             offset += len(qs)
-            top = [h[: cfg.results_per_query] for h in hits]
+        distinct = list(dict.fromkeys(q for qs in queries for q in qs))
+        vec_of = dict(zip(distinct, self.embedder.encode(distinct), strict=True)) if distinct else {}
+        out = []
+        for n, (completion, qs, ctx) in enumerate(zip(completions, queries, contexts, strict=True)):
+            hits = per_group[n]
             qvecs = np.stack([vec_of[q] for q in qs]) if qs else np.zeros((0, self.embedder.dim), np.float32)
-            rvecs = [self._article_vecs[[self._row[h.news_id] for h in hs]] for hs in top]
-            fused = rrf_fuse(qs, hits, limit=cfg.utility_k, exclude=set(ctx.clicked))
+            rvecs = [self._article_vecs[[self._row[h.news_id] for h in hs]] for hs in hits]
+            fused = fuse_user(qs, hits, ctx.backfill, per_group[len(completions) + n], rc, ctx.clicked)
             out.append({
                 "align": align_reward(qvecs, rvecs),
-                "coverage": coverage_reward([{self.cluster_of[h.news_id] for h in hs} for hs in top], ctx.clusters),
+                "coverage": coverage_reward([{self.cluster_of[h.news_id] for h in hs} for hs in hits], ctx.clusters),
                 "specificity": specificity_reward(qs, self.idf, saturation=cfg.specificity_saturation),
                 "diversity": diversity_reward(qvecs),
                 "format": format_reward(completion, ctx.signal_texts, cfg.format),
-                "utility": utility_reward([i.news_id for i in fused], ctx.targets, cfg.utility_k) if ctx.targets else 0.0,
+                "utility": (utility_reward([i.news_id for i in fused], ctx.targets, rc.items_per_user)
+                            if ctx.targets else 0.0),
             })
         return out

@@ -23,11 +23,11 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
+from evaluation.dataset import Dataset
+from evaluation.evaluate import EvalConfig, WindowConfig, build_state, dataset_cutoff, run_evaluation
 from models.prompt import parse_queries
 from streams.recommend import RecommendConfig, user_prompt
 from streams.window import UserState
-from training.dataset import Dataset
-from training.evaluate import EvalConfig, WindowConfig, build_state, dataset_cutoff, run_evaluation
 from training.grpo import GRPORunConfig, train_grpo
 from training.plots import plot_scaling
 from training.rewards import composite_reward
@@ -70,9 +70,9 @@ def sampling_study(dataset: Dataset, model_dir: Path, ns: Sequence[int], *, user
 
     if not ns or min(ns) < 1:
         raise ValueError(f"--n needs positive sample counts, got {list(ns)}")
-    rc = RecommendConfig()
+    rc = RecommendConfig.from_settings()
     chosen_users = dataset.users[:users]
-    window = WindowConfig.worker_defaults()
+    window = WindowConfig.from_settings()
     now = dataset_cutoff(dataset)
     states = [build_state(dataset.events.get(u, ()), window) for u in chosen_users]
     prompts = [user_prompt(s, rc, now) for s in states]

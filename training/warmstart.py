@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from evaluation.dataset import load_dataset
+from evaluation.evaluate import WindowConfig, build_state, dataset_cutoff
 from streams.recommend import RecommendConfig, user_prompt
-from training.dataset import load_dataset
-from training.evaluate import WindowConfig, build_state, dataset_cutoff
 from training.rewards import STOPWORDS, normalized_idf, query_terms
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def demonstrations(cfg: WarmStartConfig, recommend: RecommendConfig) -> list[dic
     dataset = load_dataset(cfg.train_data)
     doc_freq = Counter(t for a in dataset.news for t in set(query_terms(article_text(a))))
     idf = normalized_idf(doc_freq, len(dataset.news))
-    window, now = WindowConfig.worker_defaults(), dataset_cutoff(dataset)
+    window, now = WindowConfig.from_settings(), dataset_cutoff(dataset)
     rows = []
     for user in dataset.users[: cfg.users]:
         state = build_state(dataset.events.get(user, ()), window)
@@ -134,7 +134,7 @@ def warm_start(cfg: WarmStartConfig, *, progress: bool = True) -> dict[str, Any]
     started = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rows = demonstrations(cfg, RecommendConfig())
+    rows = demonstrations(cfg, RecommendConfig.from_settings())
     if not rows:
         raise ValueError(f"{cfg.train_data}: no user window yields {cfg.min_queries}+ distinct query phrases")
     base_dir = resolve_base_model(cfg.base_model)

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from streams.infra import LocalInfra, create_topics
 from streams.settings import CommonSettings
 from tests.streaming import (
     FAULT_ENV,
@@ -34,6 +33,7 @@ from tests.streaming import (
     stack_env,
     wait_busy,
 )
+from tools.infra import LocalInfra, create_topics
 
 pytestmark = pytest.mark.integration
 

@@ -31,8 +31,8 @@ from streams.contracts import (
     parse_event,
 )
 from streams.recommend import RecommendConfig, user_prompt
-from streams.stack import get_json
 from tests.streaming import CORPUS, FaultCounts, consume, event, window_ids
+from tools.stack import get_json
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 GOOD: dict[str, Any] = {"event_id": "e1", "user_id": "u1", "ts": "2026-11-01T10:00:00+00:00", "domain": "search",

@@ -4,7 +4,7 @@ The worker must keep memory flat (state bounded by users, not events), coalesce 
 user (at most one queued each, recommendations paced by the debounce interval, not by events)
 and drain its consumer lag after each burst. Real parts: the session's local broker, a
 `newsrec worker` process (tiny model, embedded search), confluent-kafka clients, psutil.
-The pure summary functions of :mod:`streams.overload` are unit-tested first.
+The pure summary functions of :mod:`tools.overload` are unit-tested first.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from streams.bench import settings_from_env
-from streams.overload import (
+from tests.faults.conftest import REPORT_DIR_ENV
+from tests.streaming import Stack
+from tools.bench import settings_from_env
+from tools.overload import (
     RSS_GROWTH_BOUND_MB,
     BurstMarks,
     Sample,
@@ -27,8 +29,6 @@ from streams.overload import (
     summarise,
     write_report,
 )
-from tests.faults.conftest import REPORT_DIR_ENV
-from tests.streaming import Stack
 
 # -- pure core ------------------------------------------------------------------------------
 

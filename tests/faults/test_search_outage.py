@@ -30,14 +30,14 @@ from streams.app import (
     served_recommendation,
 )
 from streams.contracts import UserEvent
-from streams.infra import LocalInfra
 from streams.metrics import Metrics
 from streams.refresh import RefreshQueue
 from streams.rollout import ActiveModel
 from streams.settings import WorkerSettings
-from streams.stack import free_port, get_json
 from streams.window import UserState, apply_event
 from tests.streaming import CORPUS, FaultCounts, consume, window_ids
+from tools.infra import LocalInfra
+from tools.stack import free_port, get_json
 
 API_KEY = "outage-apikey-Hq93vT"  # configured on the worker; must never show up anywhere
 
@@ -203,7 +203,7 @@ def served(url: str, user: str) -> dict[str, Any] | None:
 @pytest.mark.integration
 def test_worker_rides_out_a_search_outage(stack: Any, kafka_bootstrap: str, unique_name: str, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch, fault_report: Any) -> None:
-    from streams.cli import main
+    from commands.cli import main
 
     t_start = time.monotonic()
     # Its own search server, so the session one stays up for other tests.

@@ -20,9 +20,9 @@ import faust
 import pytest
 from pydantic import ValidationError
 
-from index.elastic import ElasticEngine, client_options
+from commands.cli import main
+from index.elastic import client_options
 from streams.app import _faust_broker_options, create_worker, error_summary
-from streams.cli import main
 from streams.settings import (
     REDACTED,
     CommonSettings,
@@ -223,7 +223,7 @@ def test_elasticsearch_client_gets_api_key_tls_and_timeouts(secure: WorkerSettin
         client_options("http://es:9200", request_timeout=0)
 
     # The engine the worker builds from settings: the real client object carries them.
-    engine = ElasticEngine.from_settings(secure.model_copy(update={"es_request_timeout_s": 4.0}))
+    engine = (secure.model_copy(update={"es_request_timeout_s": 4.0})).elastic_engine()
     es = engine._es
     assert es._headers["authorization"] == f"ApiKey {ES_API_KEY}"
     node = es.transport.node_pool.all()[0].config
@@ -244,7 +244,7 @@ def test_worker_failing_to_authenticate_never_logs_its_secrets(kafka_bootstrap: 
            "NEWSREC_KAFKA_SASL_PASSWORD": KAFKA_PASSWORD, "NEWSREC_ES_URL": "http://127.0.0.1:9",
            "NEWSREC_ES_API_KEY": ES_API_KEY, "NEWSREC_MODEL_DIR": str(tiny_model_dir),
            "NEWSREC_STATE_DIR": str(tmp_path), "NEWSREC_APP_ID": "sec-worker"}
-    proc = subprocess.run([sys.executable, "-m", "streams.cli", "-v", "worker"], env=os.environ | env,
+    proc = subprocess.run([sys.executable, "-m", "commands.cli", "-v", "worker"], env=os.environ | env,
                           capture_output=True, text=True, timeout=90, check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-2000:]

@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 import pytest
 
-from streams.stack import WorkerProcess, get_json
 from tests.streaming import (
     CORPUS,
     FAULT_ENV,
@@ -26,6 +25,7 @@ from tests.streaming import (
     served_window,
     wait_busy,
 )
+from tools.stack import WorkerProcess, get_json
 
 pytestmark = pytest.mark.integration
 

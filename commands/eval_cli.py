@@ -1,6 +1,6 @@
 """``newsrec eval``: offline evaluation and the search-engine overlap study.
 
-``add_eval_commands(subparsers)`` is wired into ``streams.cli``; handlers return exit codes.
+``add_eval_commands(subparsers)`` is wired into ``commands.cli``; handlers return exit codes.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
+
+from commands.errors import CommandError
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +56,9 @@ def _parse_ks(text: str) -> tuple[int, ...]:
     try:
         ks = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
     except ValueError:
-        raise SystemExit(f"newsrec eval: --k expects comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--k expects comma-separated integers, got {text!r}") from None
     if not ks or ks[0] < 1:
-        raise SystemExit(f"newsrec eval: --k needs positive cut-offs, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--k needs positive cut-offs, got {text!r}")
     return ks
 
 
@@ -66,17 +68,17 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from streams.settings import CommonSettings, ConfigError, load
-    from training.baselines import resolve_method
-    from training.dataset import DatasetError, load_dataset
-    from training.evaluate import EvalConfig, format_markdown, run_evaluation
+    from evaluation.baselines import resolve_method
+    from evaluation.dataset import DatasetError, load_dataset
+    from evaluation.evaluate import EvalConfig, format_markdown, run_evaluation
+    from streams.settings import CommonSettings, load
 
     if args.data is None or not args.models:
-        raise ConfigError("`newsrec eval` needs --data DIR and at least one --model")
+        raise CommandError("`newsrec eval` needs --data DIR and at least one --model")
     try:
         dataset = load_dataset(args.data)
     except DatasetError as exc:
-        raise ConfigError(f"dataset: {exc}") from None
+        raise CommandError(f"dataset: {exc}") from None
     cfg_args: dict[str, Any] = {"ks": _parse_ks(args.k), "samples": args.samples,
                                 "diversity": not args.no_diversity, "keep_per_user": args.per_user}
     if args.batch_size:
@@ -85,12 +87,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cfg = EvalConfig(**cfg_args)
         methods = [resolve_method(m, dataset.news, dataset.events) for m in args.models]
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     es: dict[str, Any] = {}
     if args.engine == "elasticsearch":
         settings = load(CommonSettings)
         if not settings.es_url:
-            raise ConfigError("--engine elasticsearch needs NEWSREC_ES_URL")
+            raise CommandError("--engine elasticsearch needs NEWSREC_ES_URL")
         es = {"es_url": settings.es_url, "es_api_key": settings.es_api_key_value(),
               "es_ca_certs": str(settings.es_ca_certs) if settings.es_ca_certs else None}
     results = run_evaluation(dataset, methods, cfg, engine=args.engine, **es)
@@ -106,13 +108,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_overlap(args: argparse.Namespace) -> int:
+    from evaluation.evaluate import format_overlap_markdown, overlap_queries
     from index.corpus import read_mind_news
-    from streams.infra import LocalInfra
-    from streams.settings import ConfigError
-    from training.evaluate import format_overlap_markdown, overlap_queries
+    from tools.infra import LocalInfra
 
     if not args.news.is_file():
-        raise ConfigError(f"--news {args.news}: no such file")
+        raise CommandError(f"--news {args.news}: no such file")
     news = []
     for article in read_mind_news(args.news, errors="skip"):
         news.append(article)
@@ -135,10 +136,10 @@ def _cmd_overlap(args: argparse.Namespace) -> int:
 
 def _run_overlap(infra: Any, news: list[Any], queries: list[str], k: int) -> dict[str, Any]:
     """Start noida-db, index the same news in three engines, compare their top-k."""
+    from evaluation.evaluate import overlap_study
     from index.dense import DenseIndex, MiniLMEmbedder
     from index.elastic import ElasticEngine
     from index.embedded import EmbeddedEngine
-    from training.evaluate import overlap_study
 
     with infra:
         url = infra.start_search(0)

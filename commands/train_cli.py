@@ -1,6 +1,6 @@
 """``newsrec train grpo|warmstart``, ``newsrec distill`` and ``newsrec study sampling|capacity``: teacher training entry points.
 
-``add_train_commands(subparsers)`` is wired into ``streams.cli``; handlers return exit codes.
+``add_train_commands(subparsers)`` is wired into ``commands.cli``; handlers return exit codes.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from commands.errors import CommandError
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +89,12 @@ def add_train_commands(subparsers: Any) -> None:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    from streams.settings import ConfigError
 
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+            raise CommandError(f"--set expects KEY=VALUE, got {item!r}")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -109,7 +110,7 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
     print(f"trained {summary['steps']} steps in {summary['train_s']:.0f} s "
           f"(reward scoring {summary['reward_scoring_s']:.0f} s); final rewards {summary['final_rewards']}")
     if "eval" in summary:
-        from training.evaluate import format_markdown
+        from evaluation.evaluate import format_markdown
 
         print(format_markdown(summary["eval"]))
     print(f"run written to {cfg.output_dir}")
@@ -117,14 +118,13 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
 
 
 def _cmd_warmstart(args: argparse.Namespace) -> int:
-    from streams.settings import ConfigError
     from training.warmstart import WarmStartConfig, warm_start
 
     try:
         cfg = WarmStartConfig(args.data, args.out, base_model=args.base_model, users=args.users, epochs=args.epochs,
                               learning_rate=args.lr, threads=args.threads)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     summary = warm_start(cfg, progress=not args.no_progress)
     print(f"warm start: {summary['examples']} examples, {summary['steps']} steps, loss {summary['first_loss']:.3f} -> "
           f"{summary['last_loss']:.3f} in {summary['wall_s']:.0f} s; model in {args.out}")
@@ -145,7 +145,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     print(f"{cfg.method} distillation: {len(losses)} logged steps, {trained} "
           f"in {summary['train_s']:.0f} s; student {summary['student_parameters'] / 1e6:.1f}M parameters")
     if "eval" in summary:
-        from training.evaluate import format_markdown
+        from evaluation.evaluate import format_markdown
 
         print(format_markdown(summary["eval"]))
     print(f"run written to {cfg.output_dir}")
@@ -153,7 +153,6 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _int_list(text: str, flag: str, *, allow_all: bool = False) -> list[int | None]:
-    from streams.settings import ConfigError
 
     out: list[int | None] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -163,12 +162,12 @@ def _int_list(text: str, flag: str, *, allow_all: bool = False) -> list[int | No
         try:
             value = int(part)
         except ValueError:
-            raise ConfigError(f"{flag} expects comma-separated positive integers, got {text!r}") from None
+            raise CommandError(f"{flag} expects comma-separated positive integers, got {text!r}") from None
         if value < 1:
-            raise ConfigError(f"{flag} expects positive integers, got {value}")
+            raise CommandError(f"{flag} expects positive integers, got {value}")
         out.append(value)
     if not out:
-        raise ConfigError(f"{flag} is empty")
+        raise CommandError(f"{flag} is empty")
     return out
 
 
@@ -181,21 +180,20 @@ def _print_points(study: dict[str, Any]) -> None:
 
 
 def _cmd_study_sampling(args: argparse.Namespace) -> int:
-    from streams.settings import ConfigError
-    from training.baselines import bootstrap_model_dir
-    from training.dataset import DatasetError, load_dataset
+    from evaluation.baselines import bootstrap_model_dir
+    from evaluation.dataset import DatasetError, load_dataset
     from training.study import sampling_study, save_study
 
     ns = sorted(set(_int_list(args.n, "--n")))  # type: ignore[type-var]
     model = bootstrap_model_dir() if args.model == "bootstrap" else Path(args.model)
     if not (model / "manifest.json").is_file():
-        raise ConfigError(f"--model {args.model}: not an exported ONNX model dir (no manifest.json)")
+        raise CommandError(f"--model {args.model}: not an exported ONNX model dir (no manifest.json)")
     try:
         dataset = load_dataset(args.data)
         study = sampling_study(dataset, model, ns, users=args.users, temperature=args.temperature, top_p=args.top_p,
                                seed=args.seed)
     except (DatasetError, ValueError) as exc:
-        raise ConfigError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     save_study(study, args.out, args.out.with_suffix(".png"))
     _print_points(study)
     print(f"sampling {study['timings']['sampling_s']:.0f} s, reward scoring {study['timings']['scoring_s']:.1f} s; "

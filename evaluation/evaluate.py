@@ -27,15 +27,15 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
+from evaluation.baselines import Method
+from evaluation.dataset import EVENTS_FILE, NEWS_FILE, TARGETS_FILE, Dataset
+from evaluation.metrics import aggregate, hit_rate_at_k, interest_coverage, mrr, ndcg_at_k, query_diversity, recall_at_k
 from index.base import SearchEngine
 from index.dense import DenseIndex, MiniLMEmbedder
 from streams.contracts import NewsArticle, UserEvent
 from streams.recommend import RecommendConfig, retrieve
-from streams.settings import WorkerSettings
+from streams.settings import WorkerSettings, load
 from streams.window import UserState, apply_event
-from training.baselines import Method
-from training.dataset import EVENTS_FILE, NEWS_FILE, TARGETS_FILE, Dataset
-from training.metrics import aggregate, hit_rate_at_k, interest_coverage, mrr, ndcg_at_k, query_diversity, recall_at_k
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,11 @@ class WindowConfig:
     clicked_memory: int
 
     @classmethod
-    def worker_defaults(cls) -> WindowConfig:
-        # The class defaults, not WorkerSettings(): environment overrides must not make
-        # two evaluations of the same dataset disagree.
-        f = WorkerSettings.model_fields
-        return cls(f["window_max_signals"].default, f["window_max_age_s"].default, f["clicked_memory"].default)
+    def from_settings(cls, settings: WorkerSettings | None = None) -> WindowConfig:
+        """The worker's window bounds: from ``settings``, or from ``NEWSREC_*`` as the worker reads them
+        (the results record both configs, so two evaluations can be compared)."""
+        s = settings if settings is not None else load(WorkerSettings)
+        return cls(s.window_max_signals, s.window_max_age_s, s.clicked_memory)
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,8 @@ class EvalConfig:
     ks: tuple[int, ...] = (5, 10)
     samples: int | None = None  # the first N target users; None = all
     batch_size: int = WorkerSettings.model_fields["batch_max_users"].default  # the worker's batch
-    recommend: RecommendConfig = field(default_factory=RecommendConfig)
-    window: WindowConfig = field(default_factory=WindowConfig.worker_defaults)
+    recommend: RecommendConfig = field(default_factory=RecommendConfig.from_settings)
+    window: WindowConfig = field(default_factory=WindowConfig.from_settings)
     diversity: bool = True  # embed each user's queries with MiniLM (query_diversity)
     keep_per_user: bool = True  # per-user rows (with queries and items) in the result
     progress: bool = True

@@ -28,11 +28,11 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 
-from streams.bench import Tally, default_model_dir, local_stack, synthetic_event
 from streams.producer import NewsrecProducer
 from streams.reader import RecommendationReader
 from streams.settings import WorkerSettings
-from streams.stack import WorkerProcess
+from tools.bench import Tally, default_model_dir, local_stack, synthetic_event
+from tools.stack import WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +456,7 @@ def format_table(summary: dict[str, Any]) -> str:
 def run_faults_bench(*, events: int, users: int, bursts: int, out_dir: Path, model_dir: Path | None) -> int:
     """``newsrec bench faults``: the overload scenario on a fresh local broker and worker."""
     from index.corpus import read_mind_news
-    from streams.demo import demo_corpus
+    from tools.demo import demo_corpus
 
     articles = list(read_mind_news(demo_corpus()))
     model_dir = model_dir or default_model_dir()

@@ -1,13 +1,13 @@
 """``newsrec data``: make, check and inspect evaluation datasets.
 
 - ``data simulate --news news.tsv --out DIR``: simulated users over a MIND news file
-  (see ``training.simulate``), written in the dataset format of ``training.dataset``;
+  (see ``evaluation.simulate``), written in the dataset format of ``evaluation.dataset``;
 - ``data validate DIR``: format and consistency report (exit code 1 on problems);
 - ``data behaviors behaviors.tsv [--news news.tsv]``: counts of a MIND behaviors file and
   how many of its ids resolve to the news at hand.
 
 ``add_data_commands(subparsers)`` plugs these into the ``newsrec`` parser;
-``python -m training.data_cli data ...`` runs them alone.
+``python -m commands.data_cli data ...`` runs them alone.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from commands.errors import CommandError, run
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
 
     s = sub.add_parser("simulate", help="simulated cross-domain users over a MIND news.tsv",
                        description="Write a dataset directory (news.tsv copied verbatim, events.jsonl, "
-                                   "targets.jsonl, meta.json) of simulated users; see training/simulate.py.")
+                                   "targets.jsonl, meta.json) of simulated users; see evaluation/simulate.py.")
     s.add_argument("--news", type=Path, required=True, help="MIND news.tsv (copied into the dataset as is)")
     s.add_argument("--out", type=Path, required=True, help="dataset directory to write")
     s.add_argument("--force", action="store_true", help="overwrite a dataset already in --out")
@@ -92,24 +94,24 @@ _CONFIG_ARGS = {"users": "users", "cold_share": "cold_share", "noise": "noise", 
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from evaluation.dataset import EVENTS_FILE, write_dataset
+    from evaluation.simulate import SimulationConfig, SimulationError, read_entity_surface_forms, simulate, summarize
     from index.corpus import CorpusError, read_mind_news
-    from training.dataset import EVENTS_FILE, write_dataset
-    from training.simulate import SimulationConfig, SimulationError, read_entity_surface_forms, simulate, summarize
 
     overrides = {field: getattr(args, arg) for arg, field in _CONFIG_ARGS.items() if getattr(args, arg) is not None}
     try:
         config = SimulationConfig(**overrides)
     except SimulationError as exc:
-        return _fail(str(exc), 2)
+        raise CommandError(str(exc))
     if (args.out / EVENTS_FILE).exists() and not args.force:
-        return _fail(f"{args.out} already holds a dataset; pass --force to overwrite it", 2)
+        raise CommandError(f"{args.out} already holds a dataset; pass --force to overwrite it")
     started = time.perf_counter()
     try:
         news = list(read_mind_news(args.news))
         surface_forms = read_entity_surface_forms(args.news)
         events, targets, meta = simulate(news, config, surface_forms=surface_forms)
     except (OSError, CorpusError, SimulationError) as exc:
-        return _fail(str(exc), 2)
+        raise CommandError(str(exc))
     simulated = time.perf_counter() - started
     meta["news_source"] = str(args.news)
     with args.news.open(encoding="utf-8") as fh:  # rows verbatim: the dataset keeps MIND's own columns
@@ -127,7 +129,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from training.dataset import DatasetError, validate_dataset
+    from evaluation.dataset import DatasetError, validate_dataset
 
     try:
         report = validate_dataset(args.dir)
@@ -144,14 +146,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_behaviors(args: argparse.Namespace) -> int:
+    from evaluation.behaviors import behaviors_stats
     from index.corpus import CorpusError, read_mind_news
-    from training.behaviors import behaviors_stats
 
     try:
         known = {a.news_id for a in read_mind_news(args.news)} if args.news else None
         stats = behaviors_stats(args.path, known)
     except (OSError, CorpusError) as exc:
-        return _fail(str(exc), 2)
+        raise CommandError(str(exc))
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -166,18 +168,11 @@ def _cmd_behaviors(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"newsrec data: {message}", file=sys.stderr)
-    return code
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.data_cli", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m commands.data_cli", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args))
+    return run(parser, list(argv) if argv is not None else None)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Each model runs in a fresh interpreter, so its peak RSS is its own: load, then per
 batch size one warm-up batch and ``repeats`` timed batches of greedy generation (users/s and
 ms per batch), then, with a dataset, Recall@10/NDCG@10 through the offline evaluation
-harness (``training.evaluate.run_evaluation``, the serving path). Prompts are the worker's
+harness (``evaluation.evaluate.run_evaluation``, the serving path). Prompts are the worker's
 (``streams.recommend.user_prompt`` over each dataset user's window) or, without a dataset, a
 fixed synthetic set. The table puts the ratios next to the targets they are meant to meet;
 nothing is asserted.
@@ -81,12 +81,12 @@ def fixed_prompts(n: int) -> list[str]:
 
 def dataset_prompts(data: Path, n: int) -> list[str]:
     """The worker's prompts for the dataset's first ``n`` target users at the dataset cutoff."""
+    from evaluation.dataset import load_dataset
+    from evaluation.evaluate import WindowConfig, build_state, dataset_cutoff
     from streams.recommend import RecommendConfig, user_prompt
-    from training.dataset import load_dataset
-    from training.evaluate import WindowConfig, build_state, dataset_cutoff
 
     dataset = load_dataset(data)
-    now, window, cfg = dataset_cutoff(dataset), WindowConfig.worker_defaults(), RecommendConfig()
+    now, window, cfg = dataset_cutoff(dataset), WindowConfig.from_settings(), RecommendConfig.from_settings()
     return [user_prompt(build_state(dataset.events.get(u, ()), window), cfg, now=now) for u in dataset.users[:n]]
 
 
@@ -101,9 +101,9 @@ def _load(model: BenchModel, threads: int | None) -> Any:
 
 
 def _evaluate(lm: Any, role: str, data: Path, users: int) -> dict[str, Any]:
-    from training.baselines import LLMQueries
-    from training.dataset import load_dataset
-    from training.evaluate import EvalConfig, run_evaluation
+    from evaluation.baselines import LLMQueries
+    from evaluation.dataset import load_dataset
+    from evaluation.evaluate import EvalConfig, run_evaluation
 
     result = run_evaluation(load_dataset(data), [LLMQueries(lm, name=role)],
                             EvalConfig(samples=users, diversity=False, keep_per_user=False, progress=False))
@@ -158,12 +158,12 @@ def measure_model(model: BenchModel, prompts: list[str], cfg: BenchConfig) -> di
 
 
 def _in_fresh_process(model: BenchModel, prompts: list[str], cfg: BenchConfig) -> dict[str, Any]:
-    """``measure_model`` in a new interpreter (``python -m models.bench``): its peak RSS is the model's alone."""
+    """``measure_model`` in a new interpreter (``python -m tools.bench_models``): its peak RSS is the model's alone."""
     with tempfile.TemporaryDirectory(prefix="newsrec-bench-") as tmp:
         job, result = Path(tmp) / "job.pickle", Path(tmp) / "result.json"
         job.write_bytes(pickle.dumps((model, prompts, cfg)))
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-        proc = subprocess.run([sys.executable, "-m", "models.bench", str(job), str(result), "--log-level", level],
+        proc = subprocess.run([sys.executable, "-m", "tools.bench_models", str(job), str(result), "--log-level", level],
                               check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"measuring {LABELS[model.role]} ({model.path}) failed with exit code "
@@ -296,7 +296,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def _measure_one(argv: list[str] | None = None) -> int:
     """Child side of ``_in_fresh_process``: one pickled job in, one JSON row out."""
-    parser = argparse.ArgumentParser(prog="python -m models.bench", description=_measure_one.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tools.bench_models", description=_measure_one.__doc__)
     parser.add_argument("job", type=Path, help="pickled (BenchModel, prompts, BenchConfig) written by the parent")
     parser.add_argument("result", type=Path, help="JSON row to write")
     parser.add_argument("--log-level", default="WARNING")

@@ -28,7 +28,7 @@ from streams.metrics import percentile
 from streams.producer import NewsrecProducer, ensure_topics
 from streams.reader import RecommendationReader
 from streams.settings import WorkerSettings, load
-from streams.stack import WorkerProcess, free_port
+from tools.stack import WorkerProcess, free_port
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,9 @@ def synthetic_event(user: int, seq: int, start: datetime, tag: str) -> UserEvent
 
 
 def _index_into_elasticsearch(settings: WorkerSettings, articles: list[NewsArticle]) -> None:
-    from index.elastic import ElasticEngine
 
     async def load_all() -> None:
-        engine = ElasticEngine.from_settings(settings)
+        engine = settings.elastic_engine()
         try:
             await engine.rebuild(articles)
         finally:
@@ -162,7 +161,7 @@ def settings_from_env(env: dict[str, str]) -> WorkerSettings:
 def local_stack(engine: str, model_dir: Path, articles: list[NewsArticle], *, name: str = "bench",
                 extra_env: dict[str, str] | None = None) -> Iterator[tuple[WorkerSettings, WorkerProcess]]:
     """A fresh local broker (and Elasticsearch-API server), topics, the news, one ready worker."""
-    from streams.infra import LocalInfra
+    from tools.infra import LocalInfra
 
     state = Path(tempfile.mkdtemp(prefix=f"newsrec-{name}-{engine}-"))
     infra = LocalInfra(state / "infra")
@@ -215,7 +214,7 @@ def default_model_dir() -> Path:
 def run_pipeline_bench(*, events: int, users: int, engines: list[str], out: Path, model_dir: Path | None,
                        rate: float) -> int:
     from index.corpus import read_mind_news
-    from streams.demo import demo_corpus
+    from tools.demo import demo_corpus
 
     if model_dir is None:
         model_dir = default_model_dir()

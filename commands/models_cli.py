@@ -1,8 +1,8 @@
 """``newsrec export`` and ``newsrec bench models``: model export (fp32 + int8) and the model benchmark.
 
-``add_model_commands(subparsers, bench=bench_subparsers)`` is wired into ``streams.cli``
+``add_model_commands(subparsers, bench=bench_subparsers)`` is wired into ``commands.cli``
 (``bench`` is the ``newsrec bench`` sub-command group); handlers return exit codes and raise
-``ConfigError`` for bad input, which the CLI prints as ``newsrec: ...`` with exit code 2.
+``CommandError`` for bad input (see :mod:`commands.errors`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from streams.settings import ConfigError
+from commands.errors import CommandError, run
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +61,17 @@ def add_model_commands(subparsers: Any, bench: Any | None = None) -> None:
 
 def _check_hf_dir(path: Path, flag: str) -> None:
     if not (path / "config.json").is_file():
-        raise ConfigError(f"{flag} {path}: not a Hugging Face model directory (no config.json)")
+        raise CommandError(f"{flag} {path}: not a Hugging Face model directory (no config.json)")
     if not (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
-        raise ConfigError(f"{flag} {path}: not a Hugging Face model directory (no *.safetensors or "
+        raise CommandError(f"{flag} {path}: not a Hugging Face model directory (no *.safetensors or "
                           "pytorch_model*.bin weights)")
     if not (path / "tokenizer.json").is_file():
-        raise ConfigError(f"{flag} {path}: no tokenizer.json (a fast tokenizer is needed to serve the model)")
+        raise CommandError(f"{flag} {path}: no tokenizer.json (a fast tokenizer is needed to serve the model)")
 
 
 def _check_free(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-        raise ConfigError(f"{path} already exists (pass --overwrite to replace it)")
+        raise CommandError(f"{path} already exists (pass --overwrite to replace it)")
 
 
 def default_model_name(model_dir: Path) -> str:
@@ -86,7 +86,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     _check_hf_dir(args.model, "--model")
     if not args.int8 and (args.int8_out is not None or args.int8_exclude is not None):
-        raise ConfigError("--int8-out and --int8-exclude only apply with --int8")
+        raise CommandError("--int8-out and --int8-exclude only apply with --int8")
     int8_out = args.int8_out or args.out.with_name(f"{args.out.name}-int8")
     # Fail before the slow export, not after it.
     for path in [args.out] + ([int8_out] if args.int8 else []):
@@ -122,14 +122,15 @@ def _parse_sizes(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise ConfigError(f"--batch-sizes expects comma-separated integers, got {text!r}") from None
+        raise CommandError(f"--batch-sizes expects comma-separated integers, got {text!r}") from None
     if not sizes or min(sizes) < 1:
-        raise ConfigError(f"--batch-sizes needs positive sizes, got {text!r}")
+        raise CommandError(f"--batch-sizes needs positive sizes, got {text!r}")
     return sizes
 
 
 def _cmd_bench_models(args: argparse.Namespace) -> int:
-    from models.bench import (
+    from evaluation.dataset import DatasetError
+    from tools.bench_models import (
         DEFAULT_OUT,
         ONNX_FP32,
         ONNX_INT8,
@@ -140,7 +141,6 @@ def _cmd_bench_models(args: argparse.Namespace) -> int:
         format_table,
         run_models_bench,
     )
-    from training.dataset import DatasetError
 
     given = {TEACHER: (args.teacher, "torch", "--teacher"), STUDENT: (args.student, "torch", "--student"),
              ONNX_FP32: (args.student_onnx, "onnx", "--student-onnx"),
@@ -154,29 +154,29 @@ def _cmd_bench_models(args: argparse.Namespace) -> int:
         if runtime == "torch":
             _check_hf_dir(path, flag)
         elif not (path / "manifest.json").is_file():
-            raise ConfigError(f"{flag} {path}: not an exported model dir (no manifest.json)")
+            raise CommandError(f"{flag} {path}: not an exported model dir (no manifest.json)")
         models[role] = BenchModel(role, runtime, path)
     if not any(models.values()):
-        raise ConfigError("nothing to benchmark: give at least one of --teacher, --student, --student-onnx, "
+        raise CommandError("nothing to benchmark: give at least one of --teacher, --student, --student-onnx, "
                           "--student-int8")
     if args.data is not None and not args.data.is_dir():
-        raise ConfigError(f"--data {args.data}: no such dataset directory")
+        raise CommandError(f"--data {args.data}: no such dataset directory")
     if args.repeats < 1 or args.users < 1 or args.max_new_tokens < 1:
-        raise ConfigError("--repeats, --users and --max-new-tokens must be at least 1")
+        raise CommandError("--repeats, --users and --max-new-tokens must be at least 1")
     cfg = BenchConfig(batch_sizes=_parse_sizes(args.batch_sizes), repeats=args.repeats,
                       max_new_tokens=args.max_new_tokens, threads=args.threads, data=args.data, users=args.users)
     out = args.out or DEFAULT_OUT
     try:
         report = run_models_bench(models, cfg, out=out)
     except DatasetError as exc:
-        raise ConfigError(f"--data: {exc}") from None
+        raise CommandError(f"--data: {exc}") from None
     print(format_table(report))
     print(f"results written to {out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``newsrec`` with only these commands (``streams.cli`` has the full CLI)."""
+    """``newsrec`` with only these commands (``commands.cli`` has the full CLI)."""
     parser = argparse.ArgumentParser(prog="newsrec")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
@@ -185,10 +185,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main_for_tests(argv: Sequence[str] | None = None) -> int:
-    """Parse and run like ``newsrec`` does (ConfigError -> message on stderr, exit code 2)."""
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"newsrec: {exc}", file=sys.stderr)
-        return 2
+    """Parse and run like ``newsrec`` does (same error convention, :func:`commands.errors.run`)."""
+    return run(build_parser(), list(argv) if argv is not None else None)

@@ -11,16 +11,16 @@ import logging
 import tempfile
 import time
 import uuid
-from itertools import zip_longest
 from datetime import UTC, datetime, timedelta
 from importlib import resources
+from itertools import zip_longest
 from pathlib import Path
 
 from streams.contracts import Recommendation, UserEvent
 from streams.producer import NewsrecProducer, ensure_topics
 from streams.reader import RecommendationReader
 from streams.settings import WorkerSettings, load
-from streams.stack import WorkerProcess, free_port
+from tools.stack import WorkerProcess, free_port
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def print_recommendation(rec: Recommendation) -> None:
 
 def run_demo(*, users: int = 4, timeout: float = 180.0, model_dir: Path | None = None) -> int:
     from index.corpus import read_mind_news
-    from streams.infra import LocalInfra
+    from tools.infra import LocalInfra
 
     state = Path(tempfile.mkdtemp(prefix="newsrec-demo-"))
     infra = LocalInfra(state / "infra")
@@ -87,7 +87,8 @@ def run_demo(*, users: int = 4, timeout: float = 180.0, model_dir: Path | None =
                "NEWSREC_REFRESH_MIN_INTERVAL_S": "3"}
         settings = load(WorkerSettings, kafka_bootstrap=bootstrap, state_dir=state)
         if model_dir is None:
-            from models.bootstrap import bootstrap as bootstrap_model, default_cache_dir
+            from models.bootstrap import bootstrap as bootstrap_model
+            from models.bootstrap import default_cache_dir
 
             model_dir = default_cache_dir() / "models" / "smollm2-bootstrap"
             print(f"preparing the bootstrap model in {model_dir} (first run: a few minutes)...")

@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from streams.settings import CommonSettings, ConfigError, WorkerSettings, load
+from commands.errors import CommandError, run
+from streams.settings import CommonSettings, WorkerSettings, load
 
 log = logging.getLogger("newsrec")
 
@@ -21,16 +22,15 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from index.elastic import ElasticEngine
-    from index.feed import run_indexer
+    from streams.feed import run_indexer
 
     settings = load(CommonSettings)
     if not settings.es_url:
-        raise ConfigError("`newsrec index` writes Elasticsearch: set NEWSREC_ES_URL "
+        raise CommandError("`newsrec index` writes Elasticsearch: set NEWSREC_ES_URL "
                           "(the embedded engine is fed by each worker itself)")
 
     async def main() -> int:
-        engine = ElasticEngine.from_settings(settings)
+        engine = settings.elastic_engine()
         try:
             await engine.ensure_index()
             return await run_indexer(settings.consumer_config("newsrec-indexer"), settings.topic_news, engine,
@@ -66,7 +66,7 @@ def _cmd_topics(args: argparse.Namespace) -> int:
 
 
 def _cmd_infra(args: argparse.Namespace) -> int:
-    from streams.infra import LocalInfra
+    from tools.infra import LocalInfra
 
     settings = load(CommonSettings)
     infra = LocalInfra(settings.state_dir / "infra")
@@ -92,7 +92,7 @@ def _cmd_models_publish(args: argparse.Namespace) -> int:
     try:
         update = publish(settings, args.model_dir)
     except RolloutError as exc:
-        raise ConfigError(f"cannot publish {args.model_dir}: {exc}") from None
+        raise CommandError(f"cannot publish {args.model_dir}: {exc}") from None
     print(f"announced model {update.version} ({update.model_dir}) on {settings.topic_model_updates}")
     return 0
 
@@ -108,20 +108,20 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from streams.demo import run_demo
+    from tools.demo import run_demo
 
     return run_demo(users=args.users, timeout=args.timeout, model_dir=args.model_dir)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from streams.bench import run_pipeline_bench
+    from tools.bench import run_pipeline_bench
 
     return run_pipeline_bench(events=args.events, users=args.users, engines=args.engines.split(","),
                               out=args.out, model_dir=args.model_dir, rate=args.rate)
 
 
 def _cmd_bench_faults(args: argparse.Namespace) -> int:
-    from streams.overload import run_faults_bench
+    from tools.overload import run_faults_bench
 
     return run_faults_bench(events=args.events, users=args.users, bursts=args.bursts, out_dir=args.out_dir,
                             model_dir=args.model_dir)
@@ -187,30 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="writes faults.json and faults-overload.png here")
     b.set_defaults(func=_cmd_bench_faults)
 
-    from training.data_cli import add_data_commands
-    from training.eval_cli import add_eval_commands
-    from training.train_cli import add_train_commands
+    from commands.data_cli import add_data_commands
+    from commands.eval_cli import add_eval_commands
+    from commands.train_cli import add_train_commands
 
     add_data_commands(sub)
     add_eval_commands(sub)
     add_train_commands(sub)
-    from models.cli import add_model_commands
+    from commands.models_cli import add_model_commands
 
     add_model_commands(sub, bench=bsub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"newsrec: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run(build_parser(), list(argv) if argv is not None else None)
 
 
 if __name__ == "__main__":

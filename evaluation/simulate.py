@@ -76,14 +76,14 @@ from typing import Any
 
 import numpy as np
 
+from evaluation.dataset import Target
 from streams.contracts import MAX_TEXT_CHARS, NewsArticle, UserEvent
-from training.dataset import Target
 
 logger = logging.getLogger(__name__)
 
 DOMAINS = ("search", "browse", "app", "news_click")
 SESSION_ORDER = {"search": 0, "browse": 1, "news_click": 2, "app": 3}
-GENERATOR = "newsrec.training.simulate"
+GENERATOR = "newsrec.evaluation.simulate"
 GENERATOR_VERSION = 1
 
 

@@ -43,7 +43,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "commands.cli", "worker"], env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 

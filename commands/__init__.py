@@ -1,0 +1,1 @@
+"""Command-line entry points, one module per role; nothing imports this package back."""

@@ -1,0 +1,93 @@
+"""One error convention for every command.
+
+Handlers raise a typed error whose message says what is wrong and how to fix it;
+:func:`run` is the one place that turns errors into a message on stderr and an exit code,
+and the one place that configures logging for an entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+
+from evaluation.dataset import DatasetError
+from evaluation.simulate import SimulationError
+from index.corpus import CorpusError
+from models.export import ExportValidationError
+from models.manifest import ModelIntegrityError
+from streams.rollout import RolloutError
+from streams.settings import ConfigError
+
+# Exit codes: 0 ok, 1 a check the command ran failed, 2 bad arguments or settings,
+# 3 a bad input file, 4 a model that failed verification, 130 interrupted.
+EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_MODEL = 4
+EXIT_INTERRUPTED = 130
+
+
+class CommandError(Exception):
+    """A mistake the user can fix; the message says how. ``exit_code`` says which kind."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+# Library errors that reach a command unhandled, and the exit code of each kind.
+_EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (CommandError, EXIT_USAGE),  # its own exit_code wins, see exit_code_for
+    (ConfigError, EXIT_USAGE),
+    (RolloutError, EXIT_USAGE),
+    (ExportValidationError, EXIT_CHECK_FAILED),
+    (ModelIntegrityError, EXIT_MODEL),
+    (DatasetError, EXIT_INPUT),
+    (CorpusError, EXIT_INPUT),
+    (SimulationError, EXIT_INPUT),
+    (json.JSONDecodeError, EXIT_INPUT),
+    (FileNotFoundError, EXIT_INPUT),
+    (IsADirectoryError, EXIT_INPUT),
+    (PermissionError, EXIT_INPUT),
+)
+
+
+def exit_code_for(exc: BaseException) -> int | None:
+    """The exit code of a user-facing error, or None for a bug (shown with its traceback)."""
+    if isinstance(exc, CommandError):
+        return exc.exit_code
+    for kind, code in _EXIT_CODES:
+        if isinstance(exc, kind):
+            return code
+    return None
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Logging for one entry point (called once, by :func:`run`)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse ``argv``, configure logging, run the chosen handler, map errors to exit codes."""
+    args = parser.parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
+    setup_logging(verbose)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - classified below; bugs are re-raised
+        code = exit_code_for(exc)
+        if code is None:
+            raise
+        if verbose:
+            traceback.print_exc()
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return code

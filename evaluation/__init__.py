@@ -1,0 +1,1 @@
+"""Offline data (MIND readers, simulator, datasets) and evaluation (metrics, baselines, protocols)."""
