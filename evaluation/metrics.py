@@ -145,3 +145,104 @@ def _means(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict[st
         values = [float(r[col]) for r in rows if r.get(col) is not None]
         out[col] = float(np.mean(values)) if values else None
     return out
+
+
+# ---------------------------------------------------------------------------- impression metrics
+#
+# Per impression: ``scores`` are a model's scores of the candidates shown (higher = better),
+# ``labels`` 1 for clicked, 0 for shown and not clicked, in the same order. The definitions are
+# those of MIND's official scorer (msnews.github.io evaluate.py: roc_auc_score, mrr_score,
+# dcg_score, ndcg_score), so numbers compare with published MIND results. Two deliberate
+# choices where that scorer leaves things to numpy:
+# - equal scores are ranked in shown order (a stable sort) for MRR and nDCG, so results are
+#   deterministic; AUC counts a tied (clicked, not clicked) pair as 1/2, as sklearn does;
+# - a metric that is undefined for an impression returns None instead of NaN or an
+#   exception: AUC when all candidates are clicked or none is, MRR and nDCG when none is.
+#   Callers skip those impressions and report how many (MIND's scorer never meets one:
+#   every MIND impression has a click and a non-click).
+
+
+def _impression(scores: Sequence[float], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels)
+    if s.ndim != 1 or y.ndim != 1 or len(s) != len(y):
+        raise ValueError(f"scores and labels must be flat and of one length, got shapes {s.shape} and {y.shape}")
+    if len(s) == 0:
+        raise ValueError("an impression needs at least one candidate")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores must be finite numbers (no NaN or infinity)")
+    if not np.all((y == 0) | (y == 1)):
+        raise ValueError(f"labels must be 0 (not clicked) or 1 (clicked), got {sorted(set(y.tolist()))}")
+    return s, y.astype(np.int64)
+
+
+def _ranked_labels(s: np.ndarray, y: np.ndarray) -> np.ndarray:
+    # Descending by score; stable, so ties keep the shown order.
+    return y[np.argsort(-s, kind="stable")]
+
+
+def impression_auc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
+    """Share of (clicked, not clicked) pairs the scores order correctly, ties counting 1/2
+    (the ROC AUC); None when the impression has only one class."""
+    s, y = _impression(scores, labels)
+    pos, neg = s[y == 1], s[y == 0]
+    if not len(pos) or not len(neg):
+        return None
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (len(pos) * len(neg)))
+
+
+def impression_mrr(scores: Sequence[float], labels: Sequence[int]) -> float | None:
+    """MIND's MRR: the mean over clicked candidates of 1 / their rank; None without a click."""
+    s, y = _impression(scores, labels)
+    if not y.any():
+        return None
+    ranked = _ranked_labels(s, y)
+    return float(np.sum(ranked / np.arange(1, len(ranked) + 1)) / ranked.sum())
+
+
+def _dcg(ranked: np.ndarray, k: int) -> float:
+    top = ranked[:k]
+    return float(np.sum((2.0 ** top - 1.0) / np.log2(np.arange(len(top)) + 2.0)))
+
+
+def impression_ndcg(scores: Sequence[float], labels: Sequence[int], k: int) -> float | None:
+    """MIND's nDCG@k: DCG with gains ``2^label - 1`` and discount ``log2(rank + 1)`` over the
+    top ``k`` by score, divided by the DCG of the ideal order; None without a click."""
+    _check_k(k)
+    s, y = _impression(scores, labels)
+    if not y.any():
+        return None
+    return _dcg(_ranked_labels(s, y), k) / _dcg(np.sort(y)[::-1], k)
+
+
+def bootstrap_ci(values_a: Sequence[float], values_b: Sequence[float] | None = None, *, n: int = 1000, seed: int,
+                 alpha: float = 0.05) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of ``values_a`` (or, with ``values_b``, of the paired
+    differences ``a - b``) and its percentile bootstrap ``1 - alpha`` interval.
+
+    Pairs are resampled together (one value per user or impression, same order in both),
+    so the interval of a difference accounts for the correlation between two methods
+    scored on the same users. ``mean`` is that of the full sample; ``seed`` makes it repeatable.
+    """
+    a = np.asarray(values_a, dtype=np.float64)
+    if values_b is not None:
+        b = np.asarray(values_b, dtype=np.float64)
+        if b.shape != a.shape:
+            raise ValueError(f"paired values must have one length, got {a.shape} and {b.shape}")
+        a = a - b
+    if a.ndim != 1 or not len(a):
+        raise ValueError("bootstrap_ci needs a non-empty flat list of values")
+    if not np.all(np.isfinite(a)):
+        raise ValueError("bootstrap_ci values must be finite (skip undefined metrics before, not NaN)")
+    if n < 1:
+        raise ValueError(f"n (bootstrap resamples) must be at least 1, got {n}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie strictly between 0 and 1, got {alpha}")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n)
+    for start in range(0, n, 256):  # chunks keep memory at 256 x len(a) indices
+        stop = min(n, start + 256)
+        means[start:stop] = a[rng.integers(0, len(a), size=(stop - start, len(a)))].mean(axis=1)
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(a.mean()), float(low), float(high)
