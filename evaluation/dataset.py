@@ -8,7 +8,11 @@ A dataset is a directory with three files:
 - ``targets.jsonl``: ground truth per user, ``{"user_id", "news_ids": [...], "cold": bool}``,
   the news the user read *after* the cutoff (never shown to a model).
 
-Optional ``meta.json`` says how it was made (simulator parameters, seed...).
+Optional ``meta.json`` says how it was made (simulator parameters, seed...). Optional
+``impressions.jsonl`` (real logs, e.g. ``evaluation.mind``): one line per impression,
+``{"impression_id", "user_id", "ts", "candidates": [...], "clicked": [...]}``, the news shown to
+the user at ``ts`` in shown order and the ones clicked. In a dataset with impressions a cold
+target user may have no events at all (a first visit).
 """
 
 from __future__ import annotations
@@ -20,12 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from index.corpus import CorpusError, read_mind_news
 from streams.contracts import NewsArticle, UserEvent
 
 NEWS_FILE, EVENTS_FILE, TARGETS_FILE, META_FILE = "news.tsv", "events.jsonl", "targets.jsonl", "meta.json"
+IMPRESSIONS_FILE = "impressions.jsonl"
 
 
 class DatasetError(ValueError):
@@ -47,6 +60,34 @@ class Target(BaseModel):
         return value
 
 
+class Impression(BaseModel):
+    """One impression of ``impressions.jsonl``: what was shown to a user at ``ts``, and clicked."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    impression_id: str = Field(min_length=1)
+    user_id: str = Field(min_length=1)
+    ts: AwareDatetime
+    candidates: list[str] = Field(min_length=1)  # in shown order
+    clicked: list[str] = Field(default_factory=list)  # may be empty: metrics skip single-class impressions
+
+    @field_validator("candidates", "clicked")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("ids must not repeat")
+        if not all(value):
+            raise ValueError("ids must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _clicked_were_shown(self) -> Impression:
+        unshown = [n for n in self.clicked if n not in set(self.candidates)]
+        if unshown:
+            raise ValueError(f"clicked ids {unshown[:3]} are not among the candidates")
+        return self
+
+
 @dataclass
 class Dataset:
     path: Path
@@ -54,6 +95,7 @@ class Dataset:
     events: dict[str, list[UserEvent]]  # per user, oldest first
     targets: dict[str, Target]
     meta: dict[str, Any] = field(default_factory=dict)
+    impressions: list[Impression] = field(default_factory=list)  # sorted by (ts, impression_id)
 
     @property
     def users(self) -> list[str]:
@@ -90,6 +132,16 @@ def load_dataset(path: Path) -> Dataset:
         if target.user_id in targets:
             raise DatasetError(f"{path / TARGETS_FILE}:{lineno}: user {target.user_id!r} appears twice")
         targets[target.user_id] = target
+    impressions: dict[str, Impression] = {}
+    if (path / IMPRESSIONS_FILE).is_file():
+        for lineno, line in _lines(path / IMPRESSIONS_FILE):
+            try:
+                imp = Impression.model_validate_json(line)
+            except ValidationError as exc:
+                raise DatasetError(f"{path / IMPRESSIONS_FILE}:{lineno}: {_first_error(exc)}") from None
+            if imp.impression_id in impressions:
+                raise DatasetError(f"{path / IMPRESSIONS_FILE}:{lineno}: impression {imp.impression_id!r} appears twice")
+            impressions[imp.impression_id] = imp
     meta: dict[str, Any] = {}
     if (path / META_FILE).is_file():
         try:
@@ -98,7 +150,8 @@ def load_dataset(path: Path) -> Dataset:
             raise DatasetError(f"{path / META_FILE}: not valid JSON: {exc}") from None
     for user_events in events.values():
         user_events.sort(key=lambda e: (e.ts, e.event_id))
-    return Dataset(path, news, dict(events), targets, meta)
+    ordered = sorted(impressions.values(), key=lambda i: (i.ts, i.impression_id))
+    return Dataset(path, news, dict(events), targets, meta, ordered)
 
 
 @dataclass
@@ -111,6 +164,9 @@ class ValidationReport:
     unresolved_target_ids: int
     users_without_events: int
     problems: list[str]
+    impressions: int = 0
+    impression_candidates: int = 0
+    cold_users_without_events: int = 0  # allowed only in impression datasets
 
     @property
     def ok(self) -> bool:
@@ -128,8 +184,14 @@ def validate_dataset(path: Path) -> ValidationReport:
     if unresolved:
         problems.append(f"{TARGETS_FILE}: {unresolved} target news ids are not in {NEWS_FILE}")
     without = [u for u in ds.targets if not ds.events.get(u)]
+    # A first visit (cold, nothing before the impression) is real in logged impressions;
+    # in a dataset without impressions a user without events cannot be evaluated.
+    shown = {i.user_id for i in ds.impressions}
+    cold_without = [u for u in without if ds.targets[u].cold and u in shown]
+    without = [u for u in without if u not in set(cold_without)]
     if without:
         problems.append(f"{len(without)} target users have no events, e.g. {without[:3]}")
+    problems += _impression_problems(ds, ids)
     all_events = [e for evs in ds.events.values() for e in evs]
     if len({e.event_id for e in all_events}) != len(all_events):
         problems.append(f"{EVENTS_FILE}: event_id values repeat")
@@ -144,12 +206,29 @@ def validate_dataset(path: Path) -> ValidationReport:
         users=len(ds.targets), cold_users=sum(t.cold for t in ds.targets.values()),
         events=sum(len(v) for v in ds.events.values()), news=len(ds.news),
         target_clicks=sum(len(t.news_ids) for t in ds.targets.values()), unresolved_target_ids=unresolved,
-        users_without_events=len(without), problems=problems)
+        users_without_events=len(without), problems=problems, impressions=len(ds.impressions),
+        impression_candidates=sum(len(i.candidates) for i in ds.impressions),
+        cold_users_without_events=len(cold_without))
+
+
+def _impression_problems(ds: Dataset, ids: set[str]) -> list[str]:
+    """Impressions name known news, and their users have events unless a target says cold."""
+    problems = []
+    unresolved = sum(1 for i in ds.impressions for n in i.candidates if n not in ids)
+    if unresolved:
+        problems.append(f"{IMPRESSIONS_FILE}: {unresolved} candidate news ids are not in {NEWS_FILE}")
+    silent = sorted({i.user_id for i in ds.impressions
+                     if not ds.events.get(i.user_id) and not (i.user_id in ds.targets and ds.targets[i.user_id].cold)})
+    if silent:
+        problems.append(f"{IMPRESSIONS_FILE}: {len(silent)} users have an impression but no events and no cold "
+                        f"target, e.g. {silent[:3]}")
+    return problems
 
 
 def write_dataset(path: Path, news_tsv_rows: Iterable[str], events: Sequence[UserEvent], targets: Sequence[Target],
-                  meta: dict[str, Any] | None = None) -> None:
-    """Write a dataset directory; ``news_tsv_rows`` are MIND lines (copied as they are)."""
+                  meta: dict[str, Any] | None = None, impressions: Sequence[Impression] | None = None) -> None:
+    """Write a dataset directory; ``news_tsv_rows`` are MIND lines (copied as they are).
+    ``impressions`` (if given) go to ``impressions.jsonl``, else no such file is written."""
     path.mkdir(parents=True, exist_ok=True)
     with (path / NEWS_FILE).open("w", encoding="utf-8") as fh:
         for row in news_tsv_rows:
@@ -160,6 +239,10 @@ def write_dataset(path: Path, news_tsv_rows: Iterable[str], events: Sequence[Use
     with (path / TARGETS_FILE).open("w", encoding="utf-8") as fh:
         for target in targets:
             fh.write(target.model_dump_json() + "\n")
+    if impressions is not None:
+        with (path / IMPRESSIONS_FILE).open("w", encoding="utf-8") as fh:
+            for imp in impressions:
+                fh.write(imp.model_dump_json() + "\n")
     if meta is not None:
         (path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 

@@ -10,10 +10,12 @@ import pytest
 
 from evaluation.dataset import (
     EVENTS_FILE,
+    IMPRESSIONS_FILE,
     META_FILE,
     NEWS_FILE,
     TARGETS_FILE,
     DatasetError,
+    Impression,
     Target,
     load_dataset,
     validate_dataset,
@@ -137,4 +139,64 @@ def test_target_ids_must_not_repeat_and_bad_meta_is_named(tmp_path: Path) -> Non
     write_dataset(tmp_path, NEWS_ROWS, [event("u1", 1)], [Target(user_id="u1", news_ids=["N1"])])
     (tmp_path / META_FILE).write_text("{not json")
     with pytest.raises(DatasetError, match="meta.json: not valid JSON"):
+        load_dataset(tmp_path)
+
+
+def imp(iid: str, user: str, minute: int, candidates: list[str], clicked: list[str]) -> Impression:
+    return Impression(impression_id=iid, user_id=user, ts=T0 + timedelta(minutes=minute), candidates=candidates,
+                      clicked=clicked)
+
+
+def test_impressions_round_trip_sorted_by_time(tmp_path: Path) -> None:
+    impressions = [imp("i2", "u1", 9, ["N3", "N2"], ["N3"]), imp("i1", "new", 5, ["N1", "N2"], ["N2"])]
+    # "new" has no events: a first visit, allowed because its target is cold and it has an impression
+    targets = [Target(user_id="u1", news_ids=["N3"]), Target(user_id="new", news_ids=["N2"], cold=True)]
+    write_dataset(tmp_path, NEWS_ROWS, [event("u1", 1)], targets, impressions=impressions)
+    ds = load_dataset(tmp_path)
+    assert [i.impression_id for i in ds.impressions] == ["i1", "i2"]
+    assert ds.impressions[1] == impressions[0] and ds.impressions[1].candidates == ["N3", "N2"]
+    assert ds.impressions[0].ts.utcoffset() == timedelta(0)
+    report = validate_dataset(tmp_path)
+    assert report.ok, report.problems
+    assert (report.impressions, report.impression_candidates, report.cold_users_without_events) == (2, 4, 1)
+
+
+def test_no_impressions_file_means_no_impressions_and_no_silent_cold_users(tmp_path: Path) -> None:
+    write_dataset(tmp_path, NEWS_ROWS, [event("u1", 1)],
+                  [Target(user_id="u1", news_ids=["N1"]), Target(user_id="new", news_ids=["N2"], cold=True)])
+    assert not (tmp_path / IMPRESSIONS_FILE).exists()
+    assert load_dataset(tmp_path).impressions == []
+    assert any("1 target users have no events" in p for p in validate_dataset(tmp_path).problems)
+
+
+def test_validate_finds_unknown_candidates_and_silent_warm_users(tmp_path: Path) -> None:
+    impressions = [imp("i1", "u1", 5, ["N1", "N404"], ["N1"]), imp("i2", "ghost", 6, ["N2"], [])]
+    write_dataset(tmp_path, NEWS_ROWS, [event("u1", 1)], [Target(user_id="u1", news_ids=["N3"])],
+                  impressions=impressions)
+    problems = " | ".join(validate_dataset(tmp_path).problems)
+    assert "1 candidate news ids are not in news.tsv" in problems
+    assert "1 users have an impression but no events and no cold target, e.g. ['ghost']" in problems
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"impression_id": "i9", "user_id": "u1", "ts": "2019-11-01T00:00:00", "candidates": ["N1"], "clicked": []}',
+         r"impressions.jsonl:2: ts: Input should have timezone info"),
+        (('{"impression_id": "i9", "user_id": "u1", "ts": "2019-11-01T00:00:00Z", "candidates": ["N1"], '
+         '"clicked": ["N2"]}'), r"impressions.jsonl:2: line: Value error, clicked ids \['N2'\] are not among"),
+        ('{"impression_id": "i9", "user_id": "u1", "ts": "2019-11-01T00:00:00Z", "candidates": ["N1", "N1"]}',
+         r"impressions.jsonl:2: candidates: Value error, ids must not repeat"),
+        ('{"impression_id": "i9", "user_id": "u1", "ts": "2019-11-01T00:00:00Z", "candidates": []}',
+         r"impressions.jsonl:2: candidates: List should have at least 1"),
+        ('{"impression_id": "i1", "user_id": "u1", "ts": "2019-11-01T00:00:00Z", "candidates": ["N1"]}',
+         r"impressions.jsonl:2: impression 'i1' appears twice"),
+    ],
+)
+def test_malformed_impressions_line_names_file_and_line(tmp_path: Path, line: str, message: str) -> None:
+    write_dataset(tmp_path, NEWS_ROWS, [event("u1", 1)], [Target(user_id="u1", news_ids=["N1"])],
+                  impressions=[imp("i1", "u1", 5, ["N1"], ["N1"])])
+    with (tmp_path / IMPRESSIONS_FILE).open("a") as fh:
+        fh.write(line + "\n")
+    with pytest.raises(DatasetError, match=message):
         load_dataset(tmp_path)
