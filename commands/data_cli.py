@@ -2,6 +2,8 @@
 
 - ``data simulate --news news.tsv --out DIR``: simulated users over a MIND news file
   (see ``evaluation.simulate``), written in the dataset format of ``evaluation.dataset``;
+- ``data mind --news N --behaviors B --out DIR``: real MIND impressions as a dataset with
+  ``impressions.jsonl`` (see ``evaluation.mind`` for the rules);
 - ``data validate DIR``: format and consistency report (exit code 1 on problems);
 - ``data behaviors behaviors.tsv [--news news.tsv]``: counts of a MIND behaviors file and
   how many of its ids resolve to the news at hand.
@@ -53,8 +55,8 @@ def _mix(text: str) -> dict[str, float]:
 
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``data simulate|validate|behaviors`` to a parser's subcommands."""
-    p = subparsers.add_parser("data", help="evaluation datasets: simulate, validate, MIND behaviors stats")
+    """Add ``data simulate|mind|validate|behaviors`` to a parser's subcommands."""
+    p = subparsers.add_parser("data", help="evaluation datasets: simulate, MIND, validate, MIND behaviors stats")
     sub = p.add_subparsers(dest="data_command", required=True)
 
     s = sub.add_parser("simulate", help="simulated cross-domain users over a MIND news.tsv",
@@ -76,6 +78,18 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
                    help="e.g. search=0.35,browse=0.25,app=0.1,news_click=0.3")
     s.add_argument("--seed", type=int, default=None)
     s.set_defaults(func=_cmd_simulate)
+
+    m = sub.add_parser("mind", help="real MIND impressions (news.tsv + behaviors.tsv) → dataset dir",
+                       description="Write a dataset directory (news.tsv copied verbatim, events.jsonl from each "
+                                   "user's history at synthetic times, targets.jsonl, impressions.jsonl, meta.json): "
+                                   "one impression per user, the earliest; see evaluation/mind.py.")
+    m.add_argument("--news", type=Path, required=True, help="MIND news.tsv (copied into the dataset as is)")
+    m.add_argument("--behaviors", type=Path, required=True, help="MIND behaviors.tsv (labelled impressions)")
+    m.add_argument("--out", type=Path, required=True, help="dataset directory to write")
+    m.add_argument("--force", action="store_true", help="overwrite a dataset already in --out")
+    m.add_argument("--skip-bad-rows", action="store_true",
+                   help="count and skip malformed behaviors rows instead of stopping at the first")
+    m.set_defaults(func=_cmd_mind)
 
     v = sub.add_parser("validate", help="check a dataset directory (exit code 1 on problems)")
     v.add_argument("dir", type=Path)
@@ -128,6 +142,37 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mind(args: argparse.Namespace) -> int:
+    from evaluation.dataset import EVENTS_FILE, write_dataset
+    from evaluation.mind import COLD_HISTORY, read_mind
+
+    if (args.out / EVENTS_FILE).exists() and not args.force:
+        raise CommandError(f"{args.out} already holds a dataset; pass --force to overwrite it")
+    # A malformed or missing input file raises CorpusError/OSError: exit code 3 (commands/errors.py).
+    news, conv, read = read_mind(args.news, args.behaviors, errors="skip" if args.skip_bad_rows else "raise")
+    with args.news.open(encoding="utf-8", newline="") as fh:  # every line as it is, blank ones too
+        rows = fh.readlines()
+    counts = {**conv.counts, "malformed_rows": read["malformed_rows"],
+              "unresolved_ids_dropped": read["unresolved_ids_dropped"]}
+    meta = {"source": "mind", "news_source": str(args.news), "behaviors_source": str(args.behaviors),
+            "rules": {"impressions_per_user": "earliest with a click", "cold_history_clicks_below": COLD_HISTORY,
+                      "history_ts": "synthetic: 1 minute apart, newest 1 minute before the impression",
+                      "candidates": "shown order, each once, past clicks dropped"},
+            "counts": counts, "malformed_examples": read["malformed_examples"]}
+    write_dataset(args.out, rows, conv.events, conv.targets, meta, conv.impressions)
+    c = counts
+    print(f"wrote {args.out}: {c['impressions']} impressions of {c['users']} users ({c['cold_users']} cold, "
+          f"{c['users_without_events']} without history) over {len(news)} news")
+    print(f"events: {c['events']} history clicks; candidates: {c['candidates']}; clicks (targets): {c['clicks']}; "
+          f"all-clicked impressions: {c['all_clicked_impressions']}")
+    print(f"behaviors rows: {c['rows']} read, {c['malformed_rows']} malformed, {c['duplicate_impression_rows']} "
+          f"repeating an impression id, {c['unused_impressions']} other impressions of the users not used, "
+          f"{c['users_without_usable_click']} users without a usable click")
+    print(f"dropped ids: {c['unresolved_ids_dropped']} not in news, {c['history_candidates_dropped']} candidates "
+          f"already in the history, {c['repeated_candidates_dropped']} repeated candidates")
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from evaluation.dataset import DatasetError, validate_dataset
 
@@ -139,6 +184,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     print(f"{args.dir}: {report.users} users ({report.cold_users} cold), {report.events} events, "
           f"{report.news} news, {report.target_clicks} target clicks")
     print(f"unresolved target ids: {report.unresolved_target_ids}; users without events: {report.users_without_events}")
+    if report.impressions:
+        print(f"impressions: {report.impressions} ({report.impression_candidates} candidates); cold users without "
+              f"events (first visits): {report.cold_users_without_events}")
     for problem in report.problems:
         print(f"problem: {problem}")
     print("ok" if report.ok else f"{len(report.problems)} problem(s)")
