@@ -25,14 +25,17 @@ CHATML_ROLES = frozenset({"system", "user", "assistant"})
 SYSTEM_PROMPT = "You write news search queries from a user's recent activity."
 
 # How each signal domain is labelled in the prompt (unknown domains get their own name).
-DOMAIN_LABELS = {"search": "Searched", "browse": "Browsed", "news_click": "Read news", "app": "Used app"}
+# Windows keep "impression" (shown, not chosen) out of prompts; the label keeps a prompt built
+# from raw events from presenting an exposure as an interest.
+DOMAIN_LABELS = {"search": "Searched", "browse": "Browsed", "news_click": "Read news", "app": "Used app",
+                 "impression": "Was shown"}
 
 
 class SignalLike(Protocol):
     """Anything carrying one user signal (read-only properties so frozen models match)."""
 
     @property
-    def domain(self) -> str: ...  # "search" | "browse" | "news_click" | "app"
+    def domain(self) -> str: ...  # "search" | "browse" | "news_click" | "app" | "impression"
 
     @property
     def text(self) -> str: ...

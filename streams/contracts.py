@@ -14,7 +14,13 @@ from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any, Literal, TypeVar
 
-from pydantic import AwareDatetime, Field, ValidationError, field_validator
+from pydantic import (
+    AwareDatetime,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # The news-articles value is the indexed document: defined in index/, re-exported here.
 from index.document import SCHEMA_VERSION as SCHEMA_VERSION
@@ -28,7 +34,9 @@ MAX_META_BYTES = 4_096
 MIN_EVENT_TS = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_EVENT_TS = datetime(2100, 1, 1, tzinfo=UTC)
 
-Domain = Literal["search", "browse", "news_click", "app"]
+# "impression": the article ``news_id`` was shown to the user (text = its title). An exposure,
+# not an interest: windows keep it out of the signals the model reads and out of the clicks.
+Domain = Literal["search", "browse", "news_click", "app", "impression"]
 
 
 def _clean_text(value: str, *, field: str, max_chars: int) -> str:
@@ -88,6 +96,12 @@ class UserEvent(_Contract):
         if size > MAX_META_BYTES:
             raise ValueError(f"meta is {size} bytes as JSON, more than {MAX_META_BYTES}")
         return value
+
+    @model_validator(mode="after")
+    def _impression_names_news(self) -> UserEvent:
+        if self.domain == "impression" and not self.news_id:
+            raise ValueError("an impression event needs the news_id of the article shown")
+        return self
 
 
 class RecItem(_Contract):

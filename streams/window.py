@@ -76,13 +76,23 @@ def remember_click(clicked: tuple[str, ...], news_id: str | None, *, limit: int)
     return (tuple(c for c in clicked if c != news_id) + (news_id,))[-limit:]
 
 
+EXPOSURE_DOMAINS = frozenset({"impression"})  # shown to the user: neither an interest nor a click
+
+
 def apply_event(state: UserState, event: UserEvent, partition: int, *, max_signals: int, max_age_s: float,
                 clicked_memory: int) -> UserState:
-    """The new state after one valid event; the event becomes the pending refresh trigger."""
-    signal = Signal.from_event(event)
+    """The new state after one valid event; the event becomes the pending refresh trigger.
+
+    An exposure (``impression``) leaves the signals (what prompts are built from) and the
+    clicks as they are: being shown an article says nothing of interest. It still becomes the
+    pending trigger, because the worker schedules a refresh for every event it applies and
+    clears ``pending_trigger`` only when the refresh of that very event is published."""
+    signals = state.signals
+    if event.domain not in EXPOSURE_DOMAINS:
+        signals = add_signal(signals, Signal.from_event(event), max_signals=max_signals, max_age_s=max_age_s)
     return replace(
         state,
-        signals=add_signal(state.signals, signal, max_signals=max_signals, max_age_s=max_age_s),
+        signals=signals,
         clicked=remember_click(state.clicked, event.news_id if event.domain == "news_click" else None,
                                limit=clicked_memory),
         pending_trigger=event.event_id,

@@ -16,7 +16,9 @@ from evaluation.behaviors import Impression as MindRow
 from evaluation.dataset import IMPRESSIONS_FILE, load_dataset, validate_dataset
 from evaluation.mind import COLD_HISTORY, convert_mind, read_mind
 from index.corpus import CorpusError, read_mind_news
-from streams.contracts import NewsArticle
+from models.prompt import build_messages
+from streams.contracts import NewsArticle, parse_event
+from streams.window import UserState, apply_event
 
 # N1 has every column; the others are title-only, as 49,282 rows of shared/data/mind-small are.
 NEWS = ["N1\tsports\tgolf\tTiger wins again\tAn abstract\thttps://x/1\t[]\t[]"] + [
@@ -148,3 +150,30 @@ def test_data_mind_bad_row_names_file_and_line_or_is_counted(tmp_path: Path,
     assert "behaviors rows: 6 read, 1 malformed" in capsys.readouterr().out
     meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
     assert meta["counts"]["malformed_rows"] == 1 and "behaviors.tsv:7" in meta["malformed_examples"][0]
+
+
+# ---------------------------------------------------------------- impressions on the wire (user-events)
+
+
+def impression_event(**kw: object) -> bytes:
+    fields = {"event_id": "i1-c0", "user_id": "U1", "ts": "2019-11-11T09:05:58Z", "domain": "impression",
+              "text": "Headline number 3", "news_id": "N3"}
+    return json.dumps({**fields, **kw}).encode()
+
+
+def test_impression_domain_needs_the_news_shown() -> None:
+    assert parse_event(impression_event()).domain == "impression"
+    with pytest.raises(ValueError, match="an impression event needs the news_id"):
+        parse_event(impression_event(news_id=None))
+
+
+def test_impressions_are_neither_prompt_signals_nor_clicks() -> None:
+    kw = {"max_signals": 10, "max_age_s": 1e6, "clicked_memory": 10}
+    click = parse_event(impression_event(event_id="c1", domain="news_click", news_id="N1", text="Tiger wins again"))
+    state = apply_event(UserState(), click, 0, **kw)
+    shown = apply_event(state, parse_event(impression_event()), 2, **kw)
+    assert shown.signals == state.signals and shown.clicked == ("N1",)
+    # still the pending trigger: the worker refreshes after every event and clears only that trigger
+    assert (shown.pending_trigger, shown.pending_partition) == ("i1-c0", 2)
+    prompt = build_messages(shown.signals, now=datetime(2019, 11, 12, tzinfo=UTC))[-1]["content"]
+    assert "Tiger wins again" in prompt and "Headline number 3" not in prompt
