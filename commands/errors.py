@@ -10,28 +10,41 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
+import warnings
 
 from evaluation.dataset import DatasetError
 from evaluation.simulate import SimulationError
 from index.corpus import CorpusError
 from models.export import ExportValidationError
 from models.manifest import ModelIntegrityError
+from streams.kafka_log import BrokerUnavailable
+from streams.producer import ProduceError
 from streams.rollout import RolloutError
 from streams.settings import ConfigError
+from tools.infra import InfraError
 
 # Exit codes: 0 ok, 1 a check the command ran failed, 2 bad arguments or settings,
-# 3 a bad input file, 4 a model that failed verification, 130 interrupted.
+# 3 a bad input file (or records in it rejected), 4 a model that failed verification,
+# 5 a service (broker, search server) unreachable or failing, 130 interrupted.
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INPUT = 3
 EXIT_MODEL = 4
+EXIT_SERVICE = 5
 EXIT_INTERRUPTED = 130
 
+# Set for this process and its children (the demo's worker) unless verbose: progress bars and
+# advisory messages of libraries, which a user cannot act on.
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TQDM_DISABLE": "1",
+             "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
 
-class CommandError(Exception):
-    """A mistake the user can fix; the message says how. ``exit_code`` says which kind."""
+
+class CommandError(ConfigError):
+    """A mistake the user can fix (a command's arguments are its configuration); the message
+    says how. ``exit_code`` says which kind."""
 
     exit_code = EXIT_USAGE
 
@@ -52,9 +65,14 @@ _EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (CorpusError, EXIT_INPUT),
     (SimulationError, EXIT_INPUT),
     (json.JSONDecodeError, EXIT_INPUT),
+    (UnicodeDecodeError, EXIT_INPUT),
     (FileNotFoundError, EXIT_INPUT),
     (IsADirectoryError, EXIT_INPUT),
+    (NotADirectoryError, EXIT_INPUT),
     (PermissionError, EXIT_INPUT),
+    (BrokerUnavailable, EXIT_SERVICE),
+    (ProduceError, EXIT_SERVICE),
+    (InfraError, EXIT_SERVICE),
 )
 
 
@@ -69,9 +87,18 @@ def exit_code_for(exc: BaseException) -> int | None:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Logging for one entry point (called once, by :func:`run`)."""
+    """Logging for one entry point (called once, by :func:`run`); quiet libraries unless verbose."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose:
+        warnings.simplefilter("default")
+        return
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    warnings.simplefilter("ignore")
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # errors only: no "Removing initializer" notes
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
