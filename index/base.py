@@ -31,8 +31,10 @@ class SearchEngine(Protocol):
         *,
         k: int = 10,
         exclude: Sequence[Sequence[str]] | None = None,
+        within: Sequence[Sequence[str]] | None = None,
     ) -> list[list[Hit]]:
-        """One hit list per query, best first; ``exclude[i]`` = news_ids to leave out of query i."""
+        """One hit list per query, best first; ``exclude[i]`` = news_ids to leave out of query i;
+        ``within[i]`` (when given) = the only news_ids query i may return (ranking a candidate set)."""
         ...
 
     async def count(self) -> int: ...
@@ -40,9 +42,12 @@ class SearchEngine(Protocol):
     async def close(self) -> None: ...
 
 
-def check_search_args(queries: Sequence[str], k: int, exclude: Sequence[Sequence[str]] | None) -> None:
+def check_search_args(queries: Sequence[str], k: int, exclude: Sequence[Sequence[str]] | None,
+                      within: Sequence[Sequence[str]] | None = None) -> None:
     """The argument rules every engine's ``search_many`` shares."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     if exclude is not None and len(exclude) != len(queries):
         raise ValueError(f"exclude has {len(exclude)} entries for {len(queries)} queries")
+    if within is not None and len(within) != len(queries):
+        raise ValueError(f"within has {len(within)} entries for {len(queries)} queries")

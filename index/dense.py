@@ -162,22 +162,39 @@ class DenseIndex:
         return self.upsert_sync(articles)
 
     def search_many_sync(self, queries: Sequence[str], *, k: int = 10,
-                         exclude: Sequence[Sequence[str]] | None = None) -> list[list[Hit]]:
+                         exclude: Sequence[Sequence[str]] | None = None,
+                         within: Sequence[Sequence[str]] | None = None) -> list[list[Hit]]:
         """One hit list per query, highest cosine first (ties: earlier-indexed article first)."""
-        check_search_args(queries, k, exclude)
+        check_search_args(queries, k, exclude, within)
         if not queries:
             return []
-        n_docs = len(self._ids)
-        if n_docs == 0:
-            return [[] for _ in queries]
         # Blank queries match nothing, as in the BM25 engines (an empty string still embeds).
         live = [i for i, q in enumerate(queries) if q.strip()]
         results: list[list[Hit]] = [[] for _ in queries]
-        if not live:
-            return results
-        scores = self.embedder.encode([queries[i] for i in live]) @ self._matrix.T
-        for row, qi in enumerate(live):
-            s = scores[row]
+        if live and self._ids:
+            found = self.search_vectors_sync(self.embedder.encode([queries[i] for i in live]), k=k,
+                                             exclude=[exclude[i] for i in live] if exclude is not None else None,
+                                             within=[within[i] for i in live] if within is not None else None)
+            for qi, hits in zip(live, found, strict=True):
+                results[qi] = hits
+        return results
+
+    def search_vectors_sync(self, vectors: np.ndarray, *, k: int = 10,
+                            exclude: Sequence[Sequence[str]] | None = None,
+                            within: Sequence[Sequence[str]] | None = None) -> list[list[Hit]]:
+        """Top-k articles by cosine for each (unit) vector: a user profile or an embedded query."""
+        check_search_args(list(range(len(vectors))), k, exclude, within)
+        n_docs = len(self._ids)
+        if n_docs == 0 or len(vectors) == 0:
+            return [[] for _ in range(len(vectors))]
+        scores = np.asarray(vectors, dtype=np.float32) @ self._matrix.T
+        results = []
+        for qi, s in enumerate(scores):
+            if within is not None:
+                rows = np.array(sorted({self._row[n] for n in within[qi] if n in self._row}), dtype=np.int64)
+                masked = np.full(n_docs, -np.inf, dtype=np.float32)
+                masked[rows] = s[rows]
+                s = masked
             if exclude is not None and exclude[qi]:
                 drop = [self._row[n] for n in exclude[qi] if n in self._row]
                 s = s.copy()
@@ -186,13 +203,18 @@ class DenseIndex:
             cand = np.argpartition(-s, take - 1)[:take] if take < n_docs else np.arange(n_docs)
             # lexsort: last key is primary -> score descending, then index ascending (deterministic ties)
             cand = cand[np.lexsort((cand, -s[cand]))]
-            results[qi] = [Hit(news_id=self._ids[j], title=self._titles[j], score=float(s[j]))
-                           for j in cand if np.isfinite(s[j])]
+            results.append([Hit(news_id=self._ids[j], title=self._titles[j], score=float(s[j]))
+                            for j in cand if np.isfinite(s[j])])
         return results
 
+    def vectors_of(self, news_ids: Sequence[str]) -> np.ndarray:
+        """The stored unit vectors of indexed articles (a KeyError names an unknown id)."""
+        return self._matrix[[self._row[n] for n in news_ids]]
+
     async def search_many(self, queries: Sequence[str], *, k: int = 10,
-                          exclude: Sequence[Sequence[str]] | None = None) -> list[list[Hit]]:
-        return self.search_many_sync(queries, k=k, exclude=exclude)
+                          exclude: Sequence[Sequence[str]] | None = None,
+                          within: Sequence[Sequence[str]] | None = None) -> list[list[Hit]]:
+        return self.search_many_sync(queries, k=k, exclude=exclude, within=within)
 
     def count_sync(self) -> int:
         return len(self._ids)

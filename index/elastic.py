@@ -218,9 +218,10 @@ class ElasticEngine:
         *,
         k: int = 10,
         exclude: Sequence[Sequence[str]] | None = None,
+        within: Sequence[Sequence[str]] | None = None,
     ) -> list[list[Hit]]:
         """All queries in one ``msearch`` round trip; any failed query raises ``SearchError``."""
-        check_search_args(queries, k, exclude)
+        check_search_args(queries, k, exclude, within)
         if not queries:
             return []
         searches: list[dict[str, Any]] = []
@@ -228,6 +229,8 @@ class ElasticEngine:
             query: dict[str, Any] = {"multi_match": {"query": text[:MAX_QUERY_CHARS], "fields": SEARCH_FIELDS}}
             if exclude is not None and exclude[i]:
                 query = {"bool": {"must": query, "must_not": {"ids": {"values": list(exclude[i])}}}}
+            if within is not None:
+                query = {"bool": {"must": query, "filter": {"ids": {"values": list(within[i])}}}}
             searches.append({})
             searches.append({"query": query, "size": k, "_source": ["title"]})
         response = await self._es.msearch(index=self.alias, searches=searches)

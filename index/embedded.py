@@ -120,13 +120,18 @@ class EmbeddedEngine:
         *,
         k: int = 10,
         exclude: Sequence[Sequence[str]] | None = None,
+        within: Sequence[Sequence[str]] | None = None,
     ) -> list[list[Hit]]:
         self._check_open()
-        check_search_args(queries, k, exclude)
+        check_search_args(queries, k, exclude, within)
         searcher = self._index.searcher()  # one snapshot for the whole batch
         results = []
         for i, text in enumerate(queries):
-            query = self._build_query(text, exclude[i] if exclude is not None else ())
+            if within is not None and not within[i]:
+                results.append([])  # an empty candidate set
+                continue
+            query = self._build_query(text, exclude[i] if exclude is not None else (),
+                                      within[i] if within is not None else None)
             if query is None:
                 results.append([])
                 continue
@@ -143,10 +148,11 @@ class EmbeddedEngine:
         *,
         k: int = 10,
         exclude: Sequence[Sequence[str]] | None = None,
+        within: Sequence[Sequence[str]] | None = None,
     ) -> list[list[Hit]]:
-        return self.search_many_sync(queries, k=k, exclude=exclude)
+        return self.search_many_sync(queries, k=k, exclude=exclude, within=within)
 
-    def _build_query(self, text: str, exclude: Sequence[str]) -> tantivy.Query | None:
+    def _build_query(self, text: str, exclude: Sequence[str], within: Sequence[str] | None) -> tantivy.Query | None:
         terms = list(dict.fromkeys(self._analyzer.analyze(text[:MAX_QUERY_CHARS])))[:MAX_QUERY_TERMS]
         if not terms:
             return None
@@ -163,14 +169,12 @@ class EmbeddedEngine:
             for field, boost in TEXT_FIELDS.items()
         ]
         query = tantivy.Query.disjunction_max_query(per_field)
+        clauses = [(tantivy.Occur.Must, query)]
         if exclude:
-            query = tantivy.Query.boolean_query(
-                [
-                    (tantivy.Occur.Must, query),
-                    (tantivy.Occur.MustNot, tantivy.Query.term_set_query(self._schema, "news_id", list(exclude))),
-                ]
-            )
-        return query
+            clauses.append((tantivy.Occur.MustNot, tantivy.Query.term_set_query(self._schema, "news_id", list(exclude))))
+        if within is not None:
+            clauses.append((tantivy.Occur.Must, tantivy.Query.term_set_query(self._schema, "news_id", list(within))))
+        return tantivy.Query.boolean_query(clauses) if len(clauses) > 1 else query
 
     def count_sync(self) -> int:
         self._check_open()

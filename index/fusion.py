@@ -1,9 +1,10 @@
-"""Reciprocal-rank fusion of one user's query results: pure."""
+"""Reciprocal-rank fusion: of one channel's query results (:func:`rrf_fuse`), then of the
+channels' ranked lists with a weight per channel (:func:`fuse_channels`). Pure."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from index.base import Hit
 
@@ -15,7 +16,8 @@ class FusedItem:
     news_id: str
     title: str
     score: float
-    query: str  # the query that ranked this item best
+    query: str  # the query (or signal) that ranked this item best
+    channels: tuple[str, ...] = ()  # the recall channels that found it, strongest first
 
 
 def rrf_fuse(queries: Sequence[str], results: Sequence[Sequence[Hit]], *, limit: int,
@@ -39,3 +41,34 @@ def rrf_fuse(queries: Sequence[str], results: Sequence[Sequence[Hit]], *, limit:
                 best[hit.news_id] = (rank, query, hit.title)
     ranked = sorted(scores, key=lambda nid: (-scores[nid], best[nid][0], nid))[:limit]
     return [FusedItem(nid, best[nid][2], round(scores[nid], 6), best[nid][1]) for nid in ranked]
+
+
+def fuse_channels(lists: Mapping[str, Sequence[FusedItem]], weights: Mapping[str, float], *, limit: int,
+                  exclude: Collection[str] = (), k: int = RRF_K) -> list[FusedItem]:
+    """Weighted RRF across channels: ``score = sum_c weights[c] / (k + rank_c + 1)``.
+
+    Each item keeps the query of the channel that contributed most to its score and lists
+    every channel that found it, strongest contribution first. A channel missing from
+    ``weights`` (or weighted 0) does not count. Ties break by news_id (deterministic).
+    """
+    scores: dict[str, float] = {}
+    parts: dict[str, list[tuple[float, str, FusedItem]]] = {}
+    for channel, items in lists.items():
+        weight = weights.get(channel, 0.0)
+        if weight <= 0:
+            continue
+        rank = 0
+        for item in items:
+            if item.news_id in exclude or any(c == channel for _, c, _ in parts.get(item.news_id, ())):
+                continue
+            contribution = weight / (k + rank + 1)
+            rank += 1
+            scores[item.news_id] = scores.get(item.news_id, 0.0) + contribution
+            parts.setdefault(item.news_id, []).append((contribution, channel, item))
+    ranked = sorted(scores, key=lambda nid: (-scores[nid], nid))[:limit]
+    fused = []
+    for nid in ranked:
+        found = sorted(parts[nid], key=lambda p: (-p[0], p[1]))
+        best = found[0][2]
+        fused.append(replace(best, score=round(scores[nid], 6), channels=tuple(c for _, c, _ in found)))
+    return fused

@@ -1,5 +1,16 @@
-"""The recommendation path shared by the worker and offline evaluation:
-window → prompt → model → query list → one batched search → RRF per user.
+"""The recommendation path shared by the worker, offline evaluation and the training rewards.
+
+Recall channels, each a ranked list per user, fused by weighted RRF (``index.fusion``):
+
+- ``signals``: the user's most recent signal texts as lexical queries;
+- ``model``: the model's queries (window → prompt → model → query list);
+- ``dense``: the MiniLM profile (mean of recent signal embeddings) against article vectors;
+- ``trending``: smoothed click-through rate over all users' recent clicks and shows.
+
+The model only adds: every other channel works without it, so a user always gets the
+signals' items (and a cold user the trending ones). Both lexical channels share ONE search
+call per batch. :func:`recommend` fills a feed; :func:`rank` orders a given candidate set
+(``POST /rank``, the impression protocol of ``newsrec eval``).
 
 The model call is synchronous (the worker runs it in a thread); retrieval is async
 because the Elasticsearch engine is.
@@ -7,15 +18,20 @@ because the Elasticsearch engine is.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from dataclasses import replace as _replace
 from datetime import datetime
 from typing import Any, Protocol
 
+import numpy as np
+
 from index.base import Hit, SearchEngine
-from index.fusion import FusedItem, rrf_fuse
+from index.dense import DenseIndex
+from index.fusion import FusedItem, fuse_channels, rrf_fuse
 from models.prompt import build_prompt, parse_queries, sanitize_text
-from streams.settings import WorkerSettings, load
+from streams.settings import CHANNELS, WorkerSettings, load
+from streams.trending import Popularity, TrendingCounter, trending_scores
 from streams.window import UserState
 
 # Longer model items are cut (at a word boundary) to this many characters.
@@ -43,14 +59,35 @@ class RecommendConfig:
     prompt_signals: int = _setting("prompt_signals")
     results_per_query: int = _setting("results_per_query")
     items_per_user: int = _setting("items_per_user")
-    # Recent signal texts back-fill users whose model queries find too few items.
-    backfill_signals: int = _setting("backfill_signals")
+    signal_queries: int = _setting("signal_queries")
+    dense_signals: int = _setting("dense_signals")
+    channel_depth: int = _setting("channel_depth")
+    # (channel, weight) pairs: hashable, so the config can key caches.
+    channel_weights: tuple[tuple[str, float], ...] = tuple(
+        WorkerSettings.model_fields["channel_weights"].default_factory().items())  # type: ignore[misc]
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings | None = None) -> RecommendConfig:
         """The configured limits: from ``settings``, or (offline) from ``NEWSREC_*`` as the worker reads them."""
         settings = settings if settings is not None else load(WorkerSettings)
-        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+        values = {f.name: getattr(settings, f.name) for f in fields(cls)}
+        values["channel_weights"] = tuple(settings.channel_weights.items())
+        return cls(**values)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {c: w for c, w in self.channel_weights if w > 0}
+
+    def only(self, *channels: str) -> RecommendConfig:
+        """The same limits with only ``channels`` on (at weight 1 unless already weighted)."""
+        unknown = set(channels) - set(CHANNELS)
+        if unknown:
+            raise ValueError(f"unknown channel(s) {sorted(unknown)}: use {list(CHANNELS)}")
+        current = dict(self.channel_weights)
+        return _replace(self, channel_weights=tuple((c, current.get(c) or 1.0) for c in channels))
+
+    def without(self, channel: str) -> RecommendConfig:
+        return self.only(*(c for c in self.weights if c != channel))
 
 
 def user_prompt(state: UserState, cfg: RecommendConfig, now: datetime | None = None) -> str:
@@ -82,30 +119,148 @@ def signal_queries(state: UserState, n: int) -> list[str]:
     return [q for q in cleaned if q]
 
 
-def fuse_user(queries: Sequence[str], hits: Sequence[Sequence[Hit]], backfill: Sequence[str],
-              backfill_hits: Sequence[Sequence[Hit]], cfg: RecommendConfig,
+@dataclass(frozen=True)
+class TrendingView:
+    """Trending scores at one moment (all users' recent clicks and shows) and the titles to
+    publish them with; built by the worker from its windowed tables, offline from earlier
+    impressions."""
+
+    scores: Mapping[str, float] = field(default_factory=dict)
+    titles: Mapping[str, str] = field(default_factory=dict)
+    popularity: Mapping[str, Popularity] = field(default_factory=dict)  # the counts behind the scores
+    now: float = 0.0  # epoch seconds the view was taken at
+
+    @classmethod
+    def at(cls, counter: TrendingCounter, now: datetime, titles: Mapping[str, str] | None = None) -> TrendingView:
+        popularity = counter.popularity(now)
+        return cls(trending_scores(popularity), titles or {}, popularity, now.timestamp())
+
+    def top(self, k: int, exclude: Collection[str] = ()) -> list[FusedItem]:
+        ranked = sorted((n for n in self.scores if n not in exclude), key=lambda n: (-self.scores[n], n))[:k]
+        return [FusedItem(n, self.titles.get(n, ""), round(self.scores[n], 6), "trending", ("trending",))
+                for n in ranked]
+
+
+@dataclass
+class Recall:
+    """The I/O edges of the channels: the lexical engine, and optionally the dense index
+    (with its embedder) and the current trending view."""
+
+    engine: SearchEngine
+    dense: DenseIndex | None = None
+    trending: TrendingView | None = None
+
+
+def _tag(items: Sequence[FusedItem], channel: str) -> list[FusedItem]:
+    return [FusedItem(i.news_id, i.title, i.score, i.query, (channel,)) for i in items]
+
+
+def user_lists(model_queries: Sequence[str], model_hits: Sequence[Sequence[Hit]], signal_qs: Sequence[str],
+               signal_hits: Sequence[Sequence[Hit]], depth: int) -> dict[str, list[FusedItem]]:
+    """The two lexical channels of one user: RRF over each channel's queries. Pure."""
+    return {"model": _tag(rrf_fuse(model_queries, model_hits, limit=depth), "model"),
+            "signals": _tag(rrf_fuse(signal_qs, signal_hits, limit=depth), "signals")}
+
+
+def fuse_user(lists: Mapping[str, Sequence[FusedItem]], cfg: RecommendConfig,
               clicked: Collection[str] = ()) -> list[FusedItem]:
-    """One user's items: RRF over the model queries' results, back-filled from the signal
-    queries' results when too few, minus what the user already clicked. Pure."""
-    clicked = set(clicked)
-    items = rrf_fuse(queries, hits, limit=cfg.items_per_user, exclude=clicked)
-    if len(items) < cfg.items_per_user and backfill:
-        have = {i.news_id for i in items}
-        extra = rrf_fuse(backfill, backfill_hits, limit=cfg.items_per_user, exclude=clicked)
-        items += [i for i in extra if i.news_id not in have][: cfg.items_per_user - len(items)]
-    return items
+    """One user's feed: weighted RRF of the channel lists, minus what the user clicked. Pure."""
+    return fuse_channels(lists, cfg.weights, limit=cfg.items_per_user, exclude=set(clicked))
 
 
-async def retrieve(engine: SearchEngine, states: Sequence[UserState], queries: Sequence[Sequence[str]],
-                   cfg: RecommendConfig) -> list[list[FusedItem]]:
-    """All users' queries (plus back-fill queries) in ONE search call, then :func:`fuse_user`."""
-    backfill = [signal_queries(s, cfg.backfill_signals) for s in states]
-    groups = [list(q) for q in queries] + backfill
+def dense_profiles(dense: DenseIndex, states: Sequence[UserState], n: int) -> tuple[np.ndarray, list[list[str]],
+                                                                                     list[np.ndarray]]:
+    """Each user's profile (unit mean of the embeddings of the ``n`` most recent signal
+    texts; zeros without signals), the texts, and their embeddings (to name the signal
+    closest to an item)."""
+    texts = [signal_queries(s, n) for s in states]
+    flat = [t for ts in texts for t in ts]
+    vecs = dense.embedder.encode(flat) if flat else np.zeros((0, dense.embedder.dim), np.float32)
+    profiles = np.zeros((len(states), dense.embedder.dim), np.float32)
+    per_user, offset = [], 0
+    for u, ts in enumerate(texts):
+        v = vecs[offset: offset + len(ts)]
+        offset += len(ts)
+        per_user.append(v)
+        if len(ts):
+            mean = v.mean(axis=0)
+            profiles[u] = mean / max(float(np.linalg.norm(mean)), 1e-9)
+    return profiles, texts, per_user
+
+
+def _dense_items(dense: DenseIndex, hits: Sequence[Hit], texts: Sequence[str], vecs: np.ndarray) -> list[FusedItem]:
+    if not hits:
+        return []
+    closest = (dense.vectors_of([h.news_id for h in hits]) @ vecs.T).argmax(axis=1)
+    return [FusedItem(h.news_id, h.title, round(h.score, 6), texts[int(j)], ("dense",))
+            for h, j in zip(hits, closest, strict=True)]
+
+
+async def channel_lists(recall: Recall, states: Sequence[UserState], queries: Sequence[Sequence[str]],
+                        cfg: RecommendConfig, *, k: int,
+                        candidates: Sequence[Sequence[str]] | None = None) -> list[dict[str, list[FusedItem]]]:
+    """Every enabled channel's ranked list per user (top ``k``; within ``candidates[u]`` when given).
+
+    Both lexical channels go out in ONE search call."""
+    on = cfg.weights
+    model_qs = [list(q) if "model" in on else [] for q in queries]
+    signal_qs = [signal_queries(s, cfg.signal_queries) if "signals" in on else [] for s in states]
+    groups = model_qs + signal_qs
     flat = [q for qs in groups for q in qs]
-    results = await engine.search_many(flat, k=cfg.results_per_query) if flat else []
+    within = None
+    if candidates is not None:
+        within = [list(candidates[u % len(states)]) for u, qs in enumerate(groups) for _ in qs]
+    results = await recall.engine.search_many(flat, k=k, within=within) if flat else []
     per_group, offset = [], 0
     for qs in groups:
         per_group.append(results[offset: offset + len(qs)])
         offset += len(qs)
-    return [fuse_user(groups[n], per_group[n], backfill[n], per_group[len(states) + n], cfg, state.clicked)
-            for n, state in enumerate(states)]
+    lists = [user_lists(model_qs[u], per_group[u], signal_qs[u], per_group[len(states) + u], k)
+             for u in range(len(states))]
+    if "dense" in on and recall.dense is not None and recall.dense.count_sync():
+        profiles, texts, vecs = dense_profiles(recall.dense, states, cfg.dense_signals)
+        live = [u for u in range(len(states)) if texts[u]]
+        found = recall.dense.search_vectors_sync(
+            profiles[live], k=k, within=[candidates[u] for u in live] if candidates is not None else None)
+        for u, hits in zip(live, found, strict=True):
+            lists[u]["dense"] = _dense_items(recall.dense, hits, texts[u], vecs[u])
+    if "trending" in on and recall.trending is not None:
+        for u in range(len(states)):
+            view = recall.trending
+            if candidates is not None:
+                view = TrendingView({n: view.scores[n] for n in candidates[u] if n in view.scores}, view.titles,
+                                    view.popularity, view.now)
+            lists[u]["trending"] = view.top(k)
+    return lists
+
+
+async def recommend(recall: Recall, states: Sequence[UserState], queries: Sequence[Sequence[str]],
+                    cfg: RecommendConfig) -> list[list[FusedItem]]:
+    """Each user's feed: every channel's top ``channel_depth``, fused (:func:`fuse_user`)."""
+    lists = await channel_lists(recall, states, queries, cfg, k=cfg.channel_depth)
+    return [fuse_user(lists[u], cfg, state.clicked) for u, state in enumerate(states)]
+
+
+async def retrieve(engine: SearchEngine, states: Sequence[UserState], queries: Sequence[Sequence[str]],
+                   cfg: RecommendConfig) -> list[list[FusedItem]]:
+    """:func:`recommend` with the lexical channels only (one engine, no dense or trending edge)."""
+    return await recommend(Recall(engine), states, queries, cfg)
+
+
+def order_candidates(lists: Mapping[str, Sequence[FusedItem]], candidates: Sequence[str],
+                     cfg: RecommendConfig) -> list[FusedItem]:
+    """All ``candidates`` ordered by weighted RRF of the channel lists; those no channel
+    found follow in the given order with score 0 and no channel. Pure."""
+    fused = fuse_channels(lists, cfg.weights, limit=len(candidates))
+    seen = {i.news_id for i in fused}
+    return fused + [FusedItem(n, "", 0.0, "", ()) for n in dict.fromkeys(candidates) if n not in seen]
+
+
+async def rank(recall: Recall, states: Sequence[UserState], queries: Sequence[Sequence[str]],
+               candidates: Sequence[Sequence[str]], cfg: RecommendConfig) -> list[list[FusedItem]]:
+    """Each user's candidate set, ordered by the same channels and fusion as the feed."""
+    if len(candidates) != len(states):
+        raise ValueError(f"{len(candidates)} candidate sets for {len(states)} users")
+    depth = max((len(c) for c in candidates), default=1) or 1
+    lists = await channel_lists(recall, states, queries, cfg, k=depth, candidates=candidates)
+    return [order_candidates(lists[u], candidates[u], cfg) for u in range(len(states))]

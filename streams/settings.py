@@ -22,6 +22,8 @@ _HOST_PORT = re.compile(r"^[\w.\-\[\]:]+:\d{1,5}$")
 # user:password@ inside a URL (any scheme); see redact().
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
 REDACTED = "***"
+# The recall channels of the recommendation path (streams/recommend.py).
+CHANNELS = ("signals", "model", "dense", "trending")
 
 
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
@@ -246,12 +248,28 @@ class WorkerSettings(CommonSettings):
     prompt_signals: int = Field(default=20, ge=1, le=1_000)
     results_per_query: int = Field(default=10, ge=1, le=100)
     items_per_user: int = Field(default=10, ge=1, le=100)
-    # Recent signal texts that back-fill a user whose model queries find too few items.
-    backfill_signals: int = Field(default=2, ge=0, le=50)
+    # Multi-channel recall (streams/recommend.py): weighted RRF of each channel's ranked list.
+    # JSON, e.g. NEWSREC_CHANNEL_WEIGHTS='{"signals": 1, "model": 1, "dense": 1, "trending": 0.5}';
+    # 0 switches a channel off.
+    channel_weights: dict[str, float] = Field(
+        default_factory=lambda: {"signals": 1.0, "model": 1.0, "dense": 1.0, "trending": 0.5})
+    channel_depth: int = Field(default=20, ge=1, le=200)  # items each channel contributes
+    signal_queries: int = Field(default=3, ge=0, le=50)  # recent signal texts as queries (signals channel)
+    dense_signals: int = Field(default=10, ge=1, le=200)  # recent signals averaged into the dense profile
     model_threads: int = Field(default=0, ge=0, le=256)
     # onnxruntime's CPU arena keeps its peak forever; off, worker RSS stays flat across
     # load bursts (bench faults) at a small cost per batch.
     model_memory_arena: bool = False
+
+    @field_validator("channel_weights")
+    @classmethod
+    def _channel_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(CHANNELS))
+        if unknown:
+            raise ValueError(f"unknown channel(s) {unknown}: use {list(CHANNELS)}")
+        if any(w < 0 for w in value.values()) or not any(w > 0 for w in value.values()):
+            raise ValueError("weights must be >= 0 with at least one channel above 0")
+        return value
 
     @property
     def refresh_done_topic(self) -> str:

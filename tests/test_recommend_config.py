@@ -17,7 +17,7 @@ from training.grpo import GRPORunConfig
 from training.scoring import RewardConfig
 
 ENV = {"NEWSREC_MAX_QUERIES": "3", "NEWSREC_MAX_NEW_TOKENS": "40", "NEWSREC_PROMPT_SIGNALS": "25",
-       "NEWSREC_RESULTS_PER_QUERY": "7", "NEWSREC_ITEMS_PER_USER": "6", "NEWSREC_BACKFILL_SIGNALS": "1",
+       "NEWSREC_RESULTS_PER_QUERY": "7", "NEWSREC_ITEMS_PER_USER": "6", "NEWSREC_SIGNAL_QUERIES": "1", "NEWSREC_CHANNEL_WEIGHTS": '{"signals": 1, "model": 2}',
        "NEWSREC_WINDOW_MAX_SIGNALS": "40", "NEWSREC_CLICKED_MEMORY": "50"}
 
 
@@ -34,7 +34,8 @@ def test_worker_eval_and_training_share_the_configured_limits(monkeypatch: pytes
     worker = load(WorkerSettings)
     served = RecommendConfig.from_settings(worker)  # what the worker's refresher uses
     assert served == RecommendConfig(max_queries=3, max_new_tokens=40, prompt_signals=25, results_per_query=7,
-                                     items_per_user=6, backfill_signals=1)
+                                     items_per_user=6, signal_queries=1,
+                                     channel_weights=(("signals", 1.0), ("model", 2.0)))
     assert EvalConfig(ks=(5,), progress=False).recommend == served
     assert EvalConfig(ks=(5,), progress=False).window == WindowConfig(40, worker.window_max_age_s, 50)
     assert RewardConfig().recommend == served

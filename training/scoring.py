@@ -22,7 +22,7 @@ import numpy as np
 from index.dense import MiniLMEmbedder, article_text
 from index.embedded import EmbeddedEngine
 from streams.contracts import NewsArticle
-from streams.recommend import RecommendConfig, fuse_user, parse_completion, signal_queries
+from streams.recommend import RecommendConfig, fuse_user, parse_completion, signal_queries, user_lists
 from streams.window import UserState
 from training.rewards import (
     FormatRules,
@@ -61,16 +61,16 @@ class UserContext:
     clusters: tuple[str, ...]  # the window's distinct interest clusters (coverage)
     clicked: tuple[str, ...] = ()  # excluded from the utility ranking, as the worker does
     targets: tuple[str, ...] = ()  # held-out future clicks (utility); empty at inference time
-    backfill: tuple[str, ...] = ()  # the worker's back-fill queries for this user (signal_queries)
+    signal_queries: tuple[str, ...] = ()  # the worker's signals-channel queries for this user
 
     def to_row(self) -> dict[str, list[str]]:
         return {"signal_texts": list(self.signal_texts), "clusters": list(self.clusters),
-                "clicked": list(self.clicked), "targets": list(self.targets), "backfill": list(self.backfill)}
+                "clicked": list(self.clicked), "targets": list(self.targets), "signal_queries": list(self.signal_queries)}
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> UserContext:
         return cls(tuple(row["signal_texts"]), tuple(row["clusters"]), tuple(row.get("clicked") or ()),
-                   tuple(row.get("targets") or ()), tuple(row.get("backfill") or ()))
+                   tuple(row.get("targets") or ()), tuple(row.get("signal_queries") or ()))
 
 
 class RewardScorer:
@@ -114,9 +114,8 @@ class RewardScorer:
                 clusters.append(self.cluster_of[s.news_id])
             elif best := next(hits):
                 clusters.append(self.cluster_of[best[0].news_id])
-        backfill = signal_queries(state, self.config.recommend.backfill_signals)
         return UserContext(tuple(texts), tuple(dict.fromkeys(clusters)), tuple(state.clicked), tuple(targets),
-                           tuple(backfill))
+                           tuple(signal_queries(state, self.config.recommend.signal_queries)))
 
     # -- scoring ---------------------------------------------------------------------------
     def score(self, completions: Sequence[str], contexts: Sequence[UserContext]) -> list[dict[str, float]]:
@@ -137,7 +136,7 @@ class RewardScorer:
     def _score_uncached(self, completions: Sequence[str], contexts: Sequence[UserContext]) -> list[dict[str, float]]:
         cfg, rc = self.config, self.config.recommend
         queries = [parse_completion(c, rc) for c in completions]
-        groups = queries + [list(ctx.backfill) for ctx in contexts]
+        groups = queries + [list(ctx.signal_queries) for ctx in contexts]
         flat = [q for qs in groups for q in qs]
         results = self.engine.search_many_sync(flat, k=rc.results_per_query) if flat else []
         per_group, offset = [], 0
@@ -151,7 +150,8 @@ class RewardScorer:
             hits = per_group[n]
             qvecs = np.stack([vec_of[q] for q in qs]) if qs else np.zeros((0, self.embedder.dim), np.float32)
             rvecs = [self._article_vecs[[self._row[h.news_id] for h in hs]] for hs in hits]
-            fused = fuse_user(qs, hits, ctx.backfill, per_group[len(completions) + n], rc, ctx.clicked)
+            lists = user_lists(qs, hits, ctx.signal_queries, per_group[len(completions) + n], rc.channel_depth)
+            fused = fuse_user(lists, rc, ctx.clicked)
             out.append({
                 "align": align_reward(qvecs, rvecs),
                 "coverage": coverage_reward([{self.cluster_of[h.news_id] for h in hs} for hs in hits], ctx.clusters),

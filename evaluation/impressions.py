@@ -1,0 +1,207 @@
+"""The impression protocol: rank each impression's candidates for its user with the serving
+path's channels (``streams.recommend.channel_lists`` restricted to the candidates) and
+report MIND's per-impression AUC, MRR, nDCG@5 and nDCG@10.
+
+No leakage: an impression is scored with the user's events strictly before its ``ts`` and a
+trending view fed only with earlier events (``news_click`` = clicks, ``impression`` = shows)
+and earlier impressions (candidates = shows, clicked = clicks), added after they are scored.
+
+Split by time: impressions on the last ``holdout_days`` are held out; the learned fusion
+(``streams.ranker``) is fitted on the earlier ones only. Every variant is reported on the
+held-out impressions: single channels, weighted RRF of all channels, the hybrid minus each
+channel, the learned fusion, and for the model channel a paired bootstrap interval of its
+effect (hybrid minus hybrid without it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from evaluation.baselines import QueryMethod
+from evaluation.dataset import Dataset
+from evaluation.evaluate import WindowConfig, build_state
+from evaluation.metrics import bootstrap_ci, impression_auc, impression_mrr, impression_ndcg
+from index.base import SearchEngine
+from index.dense import DenseIndex
+from index.fusion import FusedItem
+from streams.ranker import FEATURES, LearnedRanker, candidate_features
+from streams.recommend import Recall, RecommendConfig, TrendingView, channel_lists, order_candidates
+from streams.trending import TrendingCounter
+
+log = logging.getLogger(__name__)
+
+METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10")
+
+
+@dataclass(frozen=True)
+class ImpressionConfig:
+    holdout_days: float = 1.0
+    model_samples: int | None = 300  # held-out impressions the model channel writes queries for
+    batch_size: int = 16
+    bootstrap: int = 1000
+    seed: int = 0
+    recommend: RecommendConfig = field(default_factory=RecommendConfig.from_settings)
+    window: WindowConfig = field(default_factory=WindowConfig.from_settings)
+    progress: bool = True
+
+
+def impression_metrics(order: Sequence[FusedItem], clicked: set[str]) -> dict[str, float | None]:
+    """MIND's metrics of one ranked candidate list (score = minus the position)."""
+    scores = [-float(i) for i in range(len(order))]
+    labels = [int(item.news_id in clicked) for item in order]
+    return {"auc": impression_auc(scores, labels), "mrr": impression_mrr(scores, labels),
+            "ndcg@5": impression_ndcg(scores, labels, 5), "ndcg@10": impression_ndcg(scores, labels, 10)}
+
+
+def _variants(cfg: RecommendConfig, channels: Sequence[str]) -> dict[str, RecommendConfig]:
+    on = [c for c in cfg.weights if c in channels]
+    out = {c: cfg.only(c) for c in on}
+    if {"signals", "dense"} <= set(on):
+        out["signals+dense"] = cfg.only("signals", "dense")
+    out["hybrid (RRF)"] = cfg.only(*on)
+    for c in on:
+        out[f"hybrid - {c}"] = cfg.only(*on).without(c)
+    return out
+
+
+async def evaluate_impressions(dataset: Dataset, engine: SearchEngine, dense: DenseIndex | None,
+                               cfg: ImpressionConfig, method: QueryMethod | None = None) -> dict[str, Any]:
+    """Score every impression of ``dataset`` (see the module docstring); returns the report."""
+    started = time.perf_counter()
+    imps = sorted(dataset.impressions, key=lambda i: (i.ts, i.impression_id))
+    if not imps:
+        raise ValueError(f"{dataset.path}: no impressions.jsonl to evaluate")
+    cutoff = imps[-1].ts - timedelta(days=cfg.holdout_days)
+    titles = {a.news_id: a.title for a in dataset.news}
+    rc = cfg.recommend
+    events = sorted(((e.ts, e) for evs in dataset.events.values() for e in evs
+                     if e.domain in ("news_click", "impression") and e.news_id), key=lambda p: p[0])
+    held = [i for i, imp in enumerate(imps) if imp.ts > cutoff]
+    model_rows = set(held[: cfg.model_samples] if cfg.model_samples is not None else held) if method else set()
+
+    # The model's queries first, in batches (the costly part), for the sampled held-out users.
+    states = []
+    for imp in imps:
+        states.append(build_state([e for e in dataset.events.get(imp.user_id, ()) if e.ts < imp.ts], cfg.window))
+    queries: dict[int, list[str]] = {}
+    model_s = 0.0
+    if method is not None:
+        rows = sorted(model_rows)
+        for start in tqdm(range(0, len(rows), cfg.batch_size), desc=method.name, disable=not cfg.progress):
+            batch = rows[start: start + cfg.batch_size]
+            t0 = time.perf_counter()
+            for i, qs in zip(batch, method.queries([states[i] for i in batch], rc, now=imps[batch[0]].ts),
+                             strict=True):
+                queries[i] = qs
+            model_s += time.perf_counter() - t0
+
+    counter, pending, e_next = TrendingCounter(), 0, 0
+    per_imp: list[dict[str, Any]] = []
+    features: list[np.ndarray] = []
+    for i, imp in enumerate(tqdm(imps, desc="impressions", disable=not cfg.progress)):
+        while pending < i and imps[pending].ts < imp.ts:  # earlier impressions become trending evidence
+            counter.add(imps[pending].ts, shown=imps[pending].candidates, clicked=imps[pending].clicked)
+            pending += 1
+        while e_next < len(events) and events[e_next][0] < imp.ts:
+            _, e = events[e_next]
+            counter.add(e.ts, **{"clicked" if e.domain == "news_click" else "shown": [e.news_id]})
+            e_next += 1
+        view = TrendingView.at(counter, imp.ts, titles)
+        cands = list(dict.fromkeys(imp.candidates))
+        lists = (await channel_lists(Recall(engine, dense, view), [states[i]], [queries.get(i, [])], rc,
+                                     k=len(cands), candidates=[cands]))[0]
+        features.append(candidate_features(lists, cands, view.popularity, view.now))
+        per_imp.append({"i": i, "held_out": imp.ts > cutoff, "model": i in model_rows, "lists": lists,
+                        "cands": cands, "clicked": set(imp.clicked),
+                        "cold": len(states[i].signals) < 5})
+
+    channels = [c for c in rc.weights if c != "model" or method is not None]
+    variants = _variants(rc, channels)
+    test = [r for r in per_imp if r["held_out"]]
+    results: dict[str, dict[str, Any]] = {}
+    rng = np.random.default_rng(cfg.seed)
+    per_variant: dict[str, list[dict[str, float | None]]] = {}
+    per_variant["random"] = [impression_metrics([FusedItem(n, "", 0.0, "") for n in rng.permutation(r["cands"])],
+                                                r["clicked"]) for r in test]
+    for name, vcfg in variants.items():
+        per_variant[name] = [impression_metrics(order_candidates(r["lists"], r["cands"], vcfg), r["clicked"])
+                             for r in test]
+
+    # Learned fusion: fitted on the earlier impressions only, never on the held-out day.
+    train = [r for r in per_imp if not r["held_out"] and r["clicked"] and len(r["clicked"]) < len(r["cands"])]
+    ranker = None
+    if train:
+        x = np.concatenate([features[r["i"]] for r in train])
+        y = np.concatenate([[int(n in r["clicked"]) for n in r["cands"]] for r in train])
+        ranker = LearnedRanker.fit(x, y, [len(r["cands"]) for r in train], version="mind-train", seed=cfg.seed)
+        for name, drop in [("learned", None), *((f"learned - {c}", c) for c in channels)]:
+            per_variant[name] = [impression_metrics(_learned_order(ranker, r, features[r["i"]], drop), r["clicked"])
+                                 for r in test]
+
+    for name, rows in per_variant.items():
+        results[name] = _summary(rows, [r["cold"] for r in test])
+    model_effect = None
+    if method is not None and "hybrid - model" in per_variant:
+        idx = [j for j, r in enumerate(test) if r["model"]]
+        a = [per_variant["hybrid (RRF)"][j]["auc"] for j in idx]
+        b = [per_variant["hybrid - model"][j]["auc"] for j in idx]
+        pairs = [(x_, y_) for x_, y_ in zip(a, b, strict=True) if x_ is not None and y_ is not None]
+        if pairs:
+            mean, low, high = bootstrap_ci([p[0] for p in pairs], [p[1] for p in pairs], n=cfg.bootstrap,
+                                           seed=cfg.seed)
+            model_effect = {"metric": "auc", "impressions": len(pairs), "mean": mean, "ci95": [low, high],
+                            "method": method.name}
+    return {
+        "protocol": "impressions", "impressions": len(imps), "held_out": len(test), "train": len(train),
+        "holdout_from": cutoff.isoformat(), "channels": channels, "weights": rc.weights,
+        "model": method.name if method else None, "model_impressions": len(model_rows),
+        "results": results, "model_effect": model_effect,
+        "timings": {"total_s": round(time.perf_counter() - started, 1), "model_s": round(model_s, 1)},
+    }
+
+
+def _learned_order(ranker: LearnedRanker, r: dict[str, Any], x: np.ndarray, drop: str | None) -> list[FusedItem]:
+    """Order by the ranker with ``drop``'s feature columns zeroed (as if that channel found nothing)."""
+    x = x.copy()
+    if drop is not None:
+        cols = [j for j, f in enumerate(FEATURES) if f.startswith(f"{drop}_")]
+        if drop == "trending":
+            cols += [FEATURES.index("clicks_log"), FEATURES.index("shows_log"), FEATURES.index("age_h")]
+        x[:, cols] = 0.0
+    scores = ranker.score(x)
+    return [FusedItem(r["cands"][j], "", float(scores[j]), "") for j in sorted(range(len(scores)),
+                                                                             key=lambda j: (-scores[j], j))]
+
+
+def _summary(rows: Sequence[dict[str, float | None]], cold: Sequence[bool]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for metric in METRICS:
+        values = [r[metric] for r in rows if r[metric] is not None]
+        out[metric] = round(float(np.mean(values)), 4) if values else None
+        cold_values = [r[metric] for r, c in zip(rows, cold, strict=True) if c and r[metric] is not None]
+        out[f"cold_{metric}"] = round(float(np.mean(cold_values)), 4) if cold_values else None
+    out["scored"] = sum(r["auc"] is not None for r in rows)
+    return out
+
+
+def format_impressions_markdown(report: dict[str, Any]) -> str:
+    lines = [f"impression protocol: {report['held_out']} held-out impressions (from {report['holdout_from']}), "
+             f"learned fusion fitted on {report['train']} earlier ones",
+             "", "| variant | AUC | MRR | nDCG@5 | nDCG@10 | cold AUC |", "|---|---:|---:|---:|---:|---:|"]
+    for name, r in report["results"].items():
+        cells = [f"{r[m]:.4f}" if r[m] is not None else "—" for m in (*METRICS, "cold_auc")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    effect = report.get("model_effect")
+    if effect:
+        lines += ["", f"model channel effect on AUC (hybrid minus hybrid without it, {effect['impressions']} "
+                      f"impressions, {effect['method']}): {effect['mean']:+.4f} "
+                      f"[{effect['ci95'][0]:+.4f}, {effect['ci95'][1]:+.4f}] 95% bootstrap CI"]
+    return "\n".join(lines)
