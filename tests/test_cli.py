@@ -1,6 +1,8 @@
 """The console script: config errors, local infrastructure commands."""
 
 import json
+import re
+import tempfile
 
 from commands.cli import main
 from tools.stack import free_port
@@ -41,9 +43,18 @@ def test_infra_up_status_down(monkeypatch, tmp_path, capsys):
     assert not any(service["running"] for service in json.loads(capsys.readouterr().out).values())
 
 
-def test_demo_runs_end_to_end_on_embedded_defaults(tiny_model_dir, capsys):
+def test_demo_runs_end_to_end_on_embedded_defaults(tiny_model_dir, monkeypatch, tmp_path, capsys):
     """The README's main job, with the tiny model standing in for the bootstrap one."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setenv("NEWSREC_STATE_DIR", str(tmp_path / "state"))
     assert main(["demo", "--users", "2", "--model-dir", str(tiny_model_dir), "--timeout", "120"]) == 0
     out = capsys.readouterr().out
+    logs = tmp_path / "state" / "demo"
+    assert f"logs: {logs}/worker.log, {logs}/broker.log" in out and (logs / "worker.log").is_file()
     assert "published 240 demo news articles" in out
     assert "all 2 users have recommendations covering their latest signal" in out
+    # Each block names the signal that triggered it; nothing is left in the temp dir.
+    assert re.search(r"^== demo-\S+  after \[(search|browse|app|news_click)\] ", out, re.MULTILINE)
+    assert list(temp.iterdir()) == []
