@@ -77,3 +77,10 @@ def test_skip_mode_logs_and_counts(tmp_path: Path, caplog: pytest.LogCaptureFixt
 def test_unknown_errors_mode_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="errors must be"):
         list(read_mind_news(write(tmp_path, GOOD), errors="ignore"))  # type: ignore[arg-type]
+
+
+def test_title_only_row_keeps_empty_columns(tmp_path: Path) -> None:
+    # 49,282 rows of shared/data/mind-small look like this: id, category and title, the rest empty.
+    (article,) = read_mind_news(write(tmp_path, "N61837\tnews\t\tThe Cost of Trump's Aid Freeze\t\t\t\t\n"))
+    assert (article.news_id, article.category, article.title) == ("N61837", "news", "The Cost of Trump's Aid Freeze")
+    assert (article.subcategory, article.abstract, article.url, article.entities) == ("", "", None, [])

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from commands.data_cli import _cmd_behaviors, add_data_commands
+from commands.data_cli import _cmd_behaviors, add_data_commands, main
 from evaluation.dataset import Target, load_dataset, validate_dataset, write_dataset
 from evaluation.simulate import (
     STOPWORDS,
@@ -392,8 +392,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def run(argv: list[str]) -> int:
-    args = parse(argv)
-    return int(args.func(args))
+    # Through the entry point, so typed errors become exit codes as on the command line.
+    return main(argv)
 
 
 def test_simulate_then_validate(tmp_path: Path, mind_news_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -453,3 +453,16 @@ def test_summary_counts() -> None:
     s = summarize(events, targets)
     assert s["users"] == 6 and s["cold_users"] == 3 and s["events"] == len(events)
     assert s["events_by_domain"] == meta["counts"]["events_by_domain"]
+
+
+def test_title_only_rows_cluster_under_their_category() -> None:
+    # As in shared/data/mind-small: most rows carry only id, category and title.
+    news = [a.model_copy(update={"subcategory": "", "abstract": "", "url": None, "entities": []})
+            if a.subcategory == "golf" else a for a in small_corpus()]
+    events, targets, meta = simulate(news, SimulationConfig(users=40, seed=5, min_interest_articles=3))
+    interests = [i for t in meta["truth"].values() for i in t["interests"]]
+    assert {(i["category"], i["subcategory"]) for i in interests} >= {("sports", "sports")}  # the golf rows
+    assert all(i["subcategory"] for i in interests)
+    golf = {a.news_id for a in news if not a.subcategory}
+    assert any(set(t.news_ids) & golf for t in targets)
+    assert all(e.text.strip() for e in events)
