@@ -87,6 +87,7 @@ def print_recommendation(rec: Recommendation, trigger: UserEvent | None) -> None
 def run_demo(*, users: int = 4, timeout: float = 180.0, model_dir: Path | None = None) -> int:
     # Logs outlive the run (NEWSREC_STATE_DIR/demo); the worker's state is removed on exit.
     logs = load(CommonSettings).state_dir.resolve() / "demo"
+    (logs / "worker.log").unlink(missing_ok=True)  # this run's log only (the worker appends)
     with tempfile.TemporaryDirectory(prefix="newsrec-demo-") as tmp, LocalInfra(logs) as infra:
         print(f"logs: {logs}/worker.log, {logs}/broker.log")
         return _demo(infra, Path(tmp), logs, users=users, timeout=timeout, model_dir=model_dir)
