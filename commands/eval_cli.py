@@ -38,6 +38,18 @@ def add_eval_commands(subparsers: Any) -> None:
     p.add_argument("--no-diversity", action="store_true", help="skip MiniLM query-diversity")
     p.add_argument("--per-user", action="store_true", help="keep per-user rows (queries, items) in the JSON")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench-results/eval-<dataset>.json)")
+    p.add_argument("--protocol", choices=["auto", "corpus", "impressions"], default="auto",
+                   help="corpus: R@k/N@k/MRR over the whole index; impressions: rank each impression's "
+                        "candidates (MIND AUC, MRR, nDCG); auto: impressions when impressions.jsonl exists")
+    p.add_argument("--channels", action="store_true",
+                   help="corpus protocol: the channel ablation (each channel, the hybrid with and without "
+                        "the --model, the hybrid minus each channel, the model's effect with a bootstrap CI)")
+    p.add_argument("--holdout-days", type=float, default=1.0,
+                   help="impressions: the last D days are held out (the learned fusion trains on the rest)")
+    p.add_argument("--model-samples", type=int, default=300, metavar="N",
+                   help="impressions: held-out impressions the model channel writes queries for")
+    p.add_argument("--save-ranker", type=Path, default=None, metavar="DIR",
+                   help="impressions: write the fitted learned fusion (LightGBM + manifest) to DIR")
     p.set_defaults(func=_cmd_eval)
 
     sub = p.add_subparsers(dest="eval_what")
@@ -73,12 +85,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from evaluation.evaluate import EvalConfig, format_markdown, run_evaluation
     from streams.settings import CommonSettings, load
 
-    if args.data is None or not args.models:
-        raise CommandError("`newsrec eval` needs --data DIR and at least one --model")
+    if args.data is None:
+        raise CommandError("`newsrec eval` needs --data DIR")
     try:
         dataset = load_dataset(args.data)
     except DatasetError as exc:
         raise CommandError(f"dataset: {exc}") from None
+    if args.protocol == "impressions" or (args.protocol == "auto" and dataset.impressions):
+        return _eval_impressions(args, dataset)
+    if args.channels:
+        return _eval_channels(args, dataset)
+    if not args.models:
+        raise CommandError("the corpus protocol needs at least one --model (e.g. --model lexical)")
     cfg_args: dict[str, Any] = {"ks": _parse_ks(args.k), "samples": args.samples,
                                 "diversity": not args.no_diversity, "keep_per_user": args.per_user}
     if args.batch_size:
@@ -104,6 +122,79 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"{m['method']}: {t['users']} users in {t['total_s']:.1f} s ({t['users_per_s']} users/s; "
               f"model {t['model_s']:.1f} s, search {t['search_s']:.1f} s, embed {t['embed_s']:.1f} s)")
     print(f"results written to {out}")
+    return 0
+
+
+def _model_channel(args: argparse.Namespace, dataset: Any) -> Any:
+    """The one query-writing --model that fills the model channel, or None."""
+    from evaluation.baselines import QueryMethod, resolve_method
+
+    methods = [resolve_method(m, dataset.news, dataset.events) for m in args.models or ()]
+    if len(methods) > 1 or not all(isinstance(m, QueryMethod) for m in methods):
+        raise CommandError("channel evaluations take at most one query-writing --model (bootstrap or an ONNX "
+                           "model dir): it is the model channel beside signals, dense and trending")
+    return methods[0] if methods else None
+
+
+def _dense_index(dataset: Any, rc: Any) -> Any:
+    from index.dense import DenseIndex, MiniLMEmbedder
+
+    if not rc.weights.get("dense"):
+        return None
+    dense = DenseIndex(MiniLMEmbedder())
+    dense.upsert_sync(dataset.news)
+    return dense
+
+
+def _eval_channels(args: argparse.Namespace, dataset: Any) -> int:
+    from evaluation.channels import ChannelStudyConfig, channel_study, format_channels_markdown
+    from evaluation.evaluate import search_backend
+    from streams.recommend import RecommendConfig
+
+    method, rc = _model_channel(args, dataset), RecommendConfig.from_settings()
+    cfg = ChannelStudyConfig(samples=args.samples, recommend=rc,
+                             **({"batch_size": args.batch_size} if args.batch_size else {}))
+
+    async def run() -> dict[str, Any]:
+        dense = _dense_index(dataset, rc)
+        async with search_backend(args.engine if args.engine != "dense" else "embedded", dataset.news) as engine:
+            return await channel_study(dataset, engine, dense, cfg, method)
+
+    report = asyncio.run(run())
+    report["dataset"] = str(dataset.path)
+    out = args.out or RESULTS_DIR / f"eval-channels-{dataset.path.resolve().name}.json"
+    _write_json(out, report)
+    print(format_channels_markdown(report))
+    print(f"took {report['timings']['total_s']} s (model {report['timings']['model_s']} s); results written to {out}")
+    return 0
+
+
+def _eval_impressions(args: argparse.Namespace, dataset: Any) -> int:
+    from evaluation.evaluate import search_backend
+    from evaluation.impressions import ImpressionConfig, evaluate_impressions, format_impressions_markdown
+    from streams.recommend import RecommendConfig
+
+    if not dataset.impressions:
+        raise CommandError(f"{dataset.path}: no impressions.jsonl (make one with `newsrec data mind`)")
+    method, rc = _model_channel(args, dataset), RecommendConfig.from_settings()
+    try:
+        cfg = ImpressionConfig(holdout_days=args.holdout_days, model_samples=args.model_samples,
+                               recommend=rc, save_ranker=args.save_ranker,
+                               **({"batch_size": args.batch_size} if args.batch_size else {}))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+    async def run() -> dict[str, Any]:
+        dense = _dense_index(dataset, rc)
+        async with search_backend(args.engine if args.engine != "dense" else "embedded", dataset.news) as engine:
+            return await evaluate_impressions(dataset, engine, dense, cfg, method)
+
+    report = asyncio.run(run())
+    report["dataset"] = str(dataset.path)
+    out = args.out or RESULTS_DIR / f"eval-impressions-{dataset.path.resolve().name}.json"
+    _write_json(out, report)
+    print(format_impressions_markdown(report))
+    print(f"took {report['timings']['total_s']} s (model {report['timings']['model_s']} s); results written to {out}")
     return 0
 
 

@@ -17,21 +17,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from evaluation.baselines import QueryMethod
-from evaluation.dataset import Dataset
+from evaluation.channels import variants
+from evaluation.dataset import Dataset, Impression
 from evaluation.evaluate import WindowConfig, build_state
 from evaluation.metrics import bootstrap_ci, impression_auc, impression_mrr, impression_ndcg
 from index.base import SearchEngine
 from index.dense import DenseIndex
 from index.fusion import FusedItem
+from streams.contracts import UserEvent
 from streams.ranker import FEATURES, LearnedRanker, candidate_features
 from streams.recommend import Recall, RecommendConfig, TrendingView, channel_lists, order_candidates
 from streams.trending import TrendingCounter
@@ -51,6 +54,7 @@ class ImpressionConfig:
     recommend: RecommendConfig = field(default_factory=RecommendConfig.from_settings)
     window: WindowConfig = field(default_factory=WindowConfig.from_settings)
     progress: bool = True
+    save_ranker: Path | None = None  # write the fitted learned fusion here (a versioned artifact)
 
 
 def impression_metrics(order: Sequence[FusedItem], clicked: set[str]) -> dict[str, float | None]:
@@ -61,15 +65,23 @@ def impression_metrics(order: Sequence[FusedItem], clicked: set[str]) -> dict[st
             "ndcg@5": impression_ndcg(scores, labels, 5), "ndcg@10": impression_ndcg(scores, labels, 10)}
 
 
-def _variants(cfg: RecommendConfig, channels: Sequence[str]) -> dict[str, RecommendConfig]:
-    on = [c for c in cfg.weights if c in channels]
-    out = {c: cfg.only(c) for c in on}
-    if {"signals", "dense"} <= set(on):
-        out["signals+dense"] = cfg.only("signals", "dense")
-    out["hybrid (RRF)"] = cfg.only(*on)
-    for c in on:
-        out[f"hybrid - {c}"] = cfg.only(*on).without(c)
-    return out
+def trending_views(impressions: Sequence[Impression], events: Iterable[Sequence[UserEvent]],
+                   titles: Mapping[str, str]) -> Iterator[tuple[Impression, TrendingView]]:
+    """Each impression (in time order) with the trending view as it stood strictly before its
+    ``ts``: earlier ``news_click``/``impression`` events and earlier impressions only."""
+    stream = sorted((e for evs in events for e in evs if e.domain in ("news_click", "impression") and e.news_id),
+                    key=lambda e: e.ts)
+    counter, pending, e_next = TrendingCounter(), 0, 0
+    for i, imp in enumerate(impressions):
+        while pending < i and impressions[pending].ts < imp.ts:  # added only once strictly in the past
+            counter.add(impressions[pending].ts, shown=impressions[pending].candidates,
+                        clicked=impressions[pending].clicked)
+            pending += 1
+        while e_next < len(stream) and stream[e_next].ts < imp.ts:
+            e = stream[e_next]
+            counter.add(e.ts, **{"clicked" if e.domain == "news_click" else "shown": [e.news_id]})
+            e_next += 1
+        yield imp, TrendingView.at(counter, imp.ts, titles)
 
 
 async def evaluate_impressions(dataset: Dataset, engine: SearchEngine, dense: DenseIndex | None,
@@ -82,8 +94,6 @@ async def evaluate_impressions(dataset: Dataset, engine: SearchEngine, dense: De
     cutoff = imps[-1].ts - timedelta(days=cfg.holdout_days)
     titles = {a.news_id: a.title for a in dataset.news}
     rc = cfg.recommend
-    events = sorted(((e.ts, e) for evs in dataset.events.values() for e in evs
-                     if e.domain in ("news_click", "impression") and e.news_id), key=lambda p: p[0])
     held = [i for i, imp in enumerate(imps) if imp.ts > cutoff]
     model_rows = set(held[: cfg.model_samples] if cfg.model_samples is not None else held) if method else set()
 
@@ -103,35 +113,25 @@ async def evaluate_impressions(dataset: Dataset, engine: SearchEngine, dense: De
                 queries[i] = qs
             model_s += time.perf_counter() - t0
 
-    counter, pending, e_next = TrendingCounter(), 0, 0
     per_imp: list[dict[str, Any]] = []
     features: list[np.ndarray] = []
-    for i, imp in enumerate(tqdm(imps, desc="impressions", disable=not cfg.progress)):
-        while pending < i and imps[pending].ts < imp.ts:  # earlier impressions become trending evidence
-            counter.add(imps[pending].ts, shown=imps[pending].candidates, clicked=imps[pending].clicked)
-            pending += 1
-        while e_next < len(events) and events[e_next][0] < imp.ts:
-            _, e = events[e_next]
-            counter.add(e.ts, **{"clicked" if e.domain == "news_click" else "shown": [e.news_id]})
-            e_next += 1
-        view = TrendingView.at(counter, imp.ts, titles)
+    for i, (imp, view) in enumerate(tqdm(trending_views(imps, dataset.events.values(), titles), total=len(imps),
+                                         desc="impressions", disable=not cfg.progress)):
         cands = list(dict.fromkeys(imp.candidates))
         lists = (await channel_lists(Recall(engine, dense, view), [states[i]], [queries.get(i, [])], rc,
                                      k=len(cands), candidates=[cands]))[0]
         features.append(candidate_features(lists, cands, view.popularity, view.now))
         per_imp.append({"i": i, "held_out": imp.ts > cutoff, "model": i in model_rows, "lists": lists,
-                        "cands": cands, "clicked": set(imp.clicked),
-                        "cold": len(states[i].signals) < 5})
+                        "cands": cands, "clicked": set(imp.clicked), "cold": len(states[i].signals) < 5})
 
     channels = [c for c in rc.weights if c != "model" or method is not None]
-    variants = _variants(rc, channels)
     test = [r for r in per_imp if r["held_out"]]
     results: dict[str, dict[str, Any]] = {}
     rng = np.random.default_rng(cfg.seed)
     per_variant: dict[str, list[dict[str, float | None]]] = {}
     per_variant["random"] = [impression_metrics([FusedItem(n, "", 0.0, "") for n in rng.permutation(r["cands"])],
                                                 r["clicked"]) for r in test]
-    for name, vcfg in variants.items():
+    for name, vcfg in variants(rc, channels).items():
         per_variant[name] = [impression_metrics(order_candidates(r["lists"], r["cands"], vcfg), r["clicked"])
                              for r in test]
 
@@ -141,7 +141,10 @@ async def evaluate_impressions(dataset: Dataset, engine: SearchEngine, dense: De
     if train:
         x = np.concatenate([features[r["i"]] for r in train])
         y = np.concatenate([[int(n in r["clicked"]) for n in r["cands"]] for r in train])
-        ranker = LearnedRanker.fit(x, y, [len(r["cands"]) for r in train], version="mind-train", seed=cfg.seed)
+        ranker = LearnedRanker.fit(x, y, [len(r["cands"]) for r in train],
+                                   version=f"ranker-{dataset.path.resolve().name}-{cutoff:%Y%m%d}", seed=cfg.seed)
+        if cfg.save_ranker is not None:
+            ranker.save(cfg.save_ranker)
         for name, drop in [("learned", None), *((f"learned - {c}", c) for c in channels)]:
             per_variant[name] = [impression_metrics(_learned_order(ranker, r, features[r["i"]], drop), r["clicked"])
                                  for r in test]
@@ -151,7 +154,7 @@ async def evaluate_impressions(dataset: Dataset, engine: SearchEngine, dense: De
     model_effect = None
     if method is not None and "hybrid - model" in per_variant:
         idx = [j for j, r in enumerate(test) if r["model"]]
-        a = [per_variant["hybrid (RRF)"][j]["auc"] for j in idx]
+        a = [per_variant["hybrid"][j]["auc"] for j in idx]
         b = [per_variant["hybrid - model"][j]["auc"] for j in idx]
         pairs = [(x_, y_) for x_, y_ in zip(a, b, strict=True) if x_ is not None and y_ is not None]
         if pairs:

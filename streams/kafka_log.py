@@ -83,6 +83,10 @@ def require_broker(config: dict[str, Any], timeout: float = PROBE_TIMEOUT_S) -> 
             continue
     if not reachable:
         raise BrokerUnavailable(bootstrap)
+    if str(config.get("security.protocol", "PLAINTEXT")).upper() != "PLAINTEXT":
+        # The broker answers; a TLS or SASL failure from here on is not "no broker": the
+        # client's own errors (handshake, authentication) say precisely what is wrong.
+        return
     try:
         AdminClient(with_logger(config)).list_topics(timeout=timeout)
     except KafkaException as exc:

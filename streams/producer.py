@@ -177,7 +177,11 @@ def ensure_topics(settings: CommonSettings, extra: Iterable[str] = ()) -> None:
         settings.topic_events: {}, settings.topic_dlq: {}, settings.topic_news: compacted,
         settings.topic_recommendations: compacted, **{t: {} for t in extra},
     }
-    existing = set(admin.list_topics(timeout=10).topics)
+    try:
+        existing = set(admin.list_topics(timeout=10).topics)
+    except KafkaException:
+        admin.poll(0)  # deliver librdkafka's queued log lines (why it failed: TLS, SASL) before raising
+        raise
     new = [NewTopic(t, num_partitions=settings.topic_partitions, replication_factor=-1, config=cfg)
            for t, cfg in wanted.items() if t not in existing]
     if settings.topic_model_updates not in existing:

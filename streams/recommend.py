@@ -31,7 +31,7 @@ from index.dense import DenseIndex
 from index.fusion import FusedItem, fuse_channels, rrf_fuse
 from models.prompt import build_prompt, parse_queries, sanitize_text
 from streams.settings import CHANNELS, WorkerSettings, load
-from streams.trending import Popularity, TrendingCounter, trending_scores
+from streams.trending import Popularity, TrendingCounter, prior_ctr, trending_scores
 from streams.window import UserState
 
 # Longer model items are cut (at a word boundary) to this many characters.
@@ -129,11 +129,19 @@ class TrendingView:
     titles: Mapping[str, str] = field(default_factory=dict)
     popularity: Mapping[str, Popularity] = field(default_factory=dict)  # the counts behind the scores
     now: float = 0.0  # epoch seconds the view was taken at
+    unseen: float = 0.0  # the score of an article with no clicks or shows (the prior CTR)
 
     @classmethod
     def at(cls, counter: TrendingCounter, now: datetime, titles: Mapping[str, str] | None = None) -> TrendingView:
         popularity = counter.popularity(now)
-        return cls(trending_scores(popularity), titles or {}, popularity, now.timestamp())
+        return cls(trending_scores(popularity), titles or {}, popularity, now.timestamp(),
+                   prior_ctr(popularity) or 0.0)
+
+    def among(self, candidates: Sequence[str]) -> TrendingView:
+        """The view over a candidate set: an unseen candidate scores the prior, so it ranks above
+        articles shown often and rarely clicked, and below those clicked more than usual."""
+        return TrendingView({n: self.scores.get(n, self.unseen) for n in candidates}, self.titles,
+                            self.popularity, self.now, self.unseen)
 
     def top(self, k: int, exclude: Collection[str] = ()) -> list[FusedItem]:
         ranked = sorted((n for n in self.scores if n not in exclude), key=lambda n: (-self.scores[n], n))[:k]
@@ -226,10 +234,7 @@ async def channel_lists(recall: Recall, states: Sequence[UserState], queries: Se
             lists[u]["dense"] = _dense_items(recall.dense, hits, texts[u], vecs[u])
     if "trending" in on and recall.trending is not None:
         for u in range(len(states)):
-            view = recall.trending
-            if candidates is not None:
-                view = TrendingView({n: view.scores[n] for n in candidates[u] if n in view.scores}, view.titles,
-                                    view.popularity, view.now)
+            view = recall.trending if candidates is None else recall.trending.among(candidates[u])
             lists[u]["trending"] = view.top(k)
     return lists
 

@@ -31,13 +31,17 @@ def smoothed_ctr(clicks: float, shows: float, prior: float, strength: float = PR
     return (clicks + strength * prior) / (max(shows, clicks) + strength)
 
 
+def prior_ctr(counts: Mapping[str, Popularity]) -> float | None:
+    """The population's click-through rate; None when nothing was shown (clicks-only feeds)."""
+    shows = sum(p.shows for p in counts.values())
+    return min(1.0, sum(p.clicks for p in counts.values()) / shows) if shows else None
+
+
 def trending_scores(counts: Mapping[str, Popularity], strength: float = PRIOR_STRENGTH) -> dict[str, float]:
     """Score per news id: smoothed CTR, or the click count when nothing was ever shown."""
-    shows = sum(p.shows for p in counts.values())
-    clicks = sum(p.clicks for p in counts.values())
-    if shows == 0:
+    prior = prior_ctr(counts)
+    if prior is None:
         return {nid: float(p.clicks) for nid, p in counts.items()}
-    prior = min(1.0, clicks / shows)
     return {nid: smoothed_ctr(p.clicks, p.shows, prior, strength) for nid, p in counts.items()}
 
 
