@@ -25,6 +25,10 @@ class SearchEngine(Protocol):
         """Insert or replace articles by ``news_id``; returns how many were written."""
         ...
 
+    async def delete(self, news_ids: Sequence[str]) -> None:
+        """Remove articles by ``news_id`` (a news tombstone); ids not in the index are ignored."""
+        ...
+
     async def search_many(
         self,
         queries: Sequence[str],

@@ -195,6 +195,21 @@ class ElasticEngine:
             await self._es.indices.refresh(index=self.alias)
         return written
 
+    async def delete(self, news_ids: Sequence[str], *, refresh: bool = False) -> None:
+        """Remove by news_id (the document _id); ids not in the index are ignored."""
+        if not news_ids:
+            return
+        if not self._alias_ready:
+            await self.ensure_index()
+        actions = ({"_op_type": "delete", "_index": self.alias, "_id": news_id} for news_id in news_ids)
+        try:
+            await async_bulk(self._es, actions, chunk_size=BULK_CHUNK, ignore_status=(404,))
+        except BulkIndexError as exc:
+            raise SearchError(f"{len(exc.errors)} documents failed to delete from {self.alias}; "
+                              f"first: {exc.errors[0]}") from exc
+        if refresh:
+            await self._es.indices.refresh(index=self.alias)
+
     async def _bulk(self, index: str, articles: Iterable[NewsArticle] | AsyncIterable[NewsArticle]) -> int:
         fields = set(MAPPINGS["properties"])
 

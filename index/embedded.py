@@ -87,19 +87,39 @@ class EmbeddedEngine:
             return 0
         with self._write_lock:
             self._check_open()
-            if self._writer is None:
-                self._writer = self._index.writer(heap_size=WRITER_HEAP_BYTES, num_threads=1)
+            writer = self._open_writer()
             for article in articles:
                 # A delete only hits documents added before it, so the last copy of a
                 # news_id repeated within one batch is the one kept.
-                self._writer.delete_documents_by_term("news_id", article.news_id)
-                self._writer.add_document(self._document(article))
-            self._writer.commit()
+                writer.delete_documents_by_term("news_id", article.news_id)
+                writer.add_document(self._document(article))
+            writer.commit()
             self._index.reload()
         return len(articles)
 
     async def upsert(self, articles: Sequence[NewsArticle]) -> int:
         return self.upsert_sync(articles)
+
+    def delete_sync(self, news_ids: Sequence[str]) -> None:
+        """Remove by news_id (unknown ids are ignored); gone from searches when this returns."""
+        if not news_ids:
+            return
+        with self._write_lock:
+            self._check_open()
+            writer = self._open_writer()
+            for news_id in news_ids:
+                writer.delete_documents_by_term("news_id", news_id)
+            writer.commit()
+            self._index.reload()
+
+    async def delete(self, news_ids: Sequence[str]) -> None:
+        self.delete_sync(news_ids)
+
+    def _open_writer(self) -> tantivy.IndexWriter:
+        # Opened on first write (under the write lock): a writer holds the directory lock.
+        if self._writer is None:
+            self._writer = self._index.writer(heap_size=WRITER_HEAP_BYTES, num_threads=1)
+        return self._writer
 
     @staticmethod
     def _document(article: NewsArticle) -> tantivy.Document:

@@ -32,7 +32,11 @@ TEXTS = ["electric car battery range", "nba playoff injury report", "easy pasta 
 
 # Fault tests: the window keeps every event of the run, so "in state" can count each one.
 FAULT_ENV = {"NEWSREC_WINDOW_MAX_SIGNALS": "1000", "NEWSREC_REFRESH_MIN_INTERVAL_S": "0.5"}
-READY_S = 60.0  # a (re)started worker is ready in ~10-15 s; more on a loaded CI machine
+READY_S = 120.0  # a (re)started worker is ready in ~10-15 s; much more on a loaded CI machine
+# Deadlines are generous (a loaded 2-core CI box is slow, never wrong); HTTP answers slower
+# than HTTP_TIMEOUT_S count as "not yet" and the poll goes on until its deadline.
+WAIT_S = 120.0
+HTTP_TIMEOUT_S = 10.0
 
 
 def stack_env(bootstrap: str, model_dir: Path, name: str, state_dir: Path) -> dict[str, str]:
@@ -103,7 +107,7 @@ def event(user: str, i: int, text: str, **kw: object) -> dict:
     return base | kw
 
 
-def consume(bootstrap: str, topic: str, until: Callable[[list], bool], timeout: float = 90.0) -> list:
+def consume(bootstrap: str, topic: str, until: Callable[[list], bool], timeout: float = WAIT_S) -> list:
     """(key, JSON value) records from the start of ``topic`` until ``until(records)`` or the timeout."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex[:6]}",
                          "auto.offset.reset": "earliest", "session.timeout.ms": 6000})
@@ -124,12 +128,32 @@ def latest_by_user(records: list) -> dict[str, dict]:
     return {value["user_id"]: value for _, value in records}
 
 
-def window_ids(url: str, user: str) -> list[str] | None:
-    """The event ids in ``user``'s window as the worker at ``url`` serves it (None: unknown user)."""
+def poll_json(url: str) -> Any | None:
+    """One GET of a polling loop: the JSON answer, or None when it fails or is slow (not yet)."""
     try:
-        return [s["event_id"] for s in get_json(f"{url}/users/{user}")["signals"]]
-    except OSError:
+        return get_json(url, timeout=HTTP_TIMEOUT_S)
+    except (OSError, ValueError):  # refused, 404/503, timed out, half-written body
         return None
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it is true; a failed or slow HTTP answer inside it (OSError,
+    ValueError, KeyError, TypeError) counts as "not yet". Raises AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        time.sleep(0.3)
+
+
+def window_ids(url: str, user: str) -> list[str] | None:
+    """The event ids in ``user``'s window as the worker at ``url`` serves it (None: unknown user or no answer)."""
+    window = served_window(url, user)
+    return None if window is None else [s["event_id"] for s in window]
 
 
 # -- fault tests: traffic that keeps flowing, and what "nothing lost" means ----------------
@@ -156,7 +180,7 @@ class Traffic:
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread by stop()
             self._error = exc
 
-    def wait_rounds(self, rounds: int, timeout: float = 60.0) -> None:
+    def wait_rounds(self, rounds: int, timeout: float = WAIT_S) -> None:
         deadline = time.monotonic() + timeout
         while self.rounds < rounds and self._thread.is_alive():
             if time.monotonic() > deadline:
@@ -196,13 +220,11 @@ def expected_window(events: list[dict], settings: WorkerSettings) -> list[dict]:
 
 def served_window(url: str, user: str) -> list[dict] | None:
     """``user``'s window signals as the worker at ``url`` serves them (None: unknown user or no answer)."""
-    try:
-        return get_json(f"{url}/users/{user}", timeout=5.0)["signals"]
-    except (OSError, ValueError, KeyError):
-        return None
+    answer = poll_json(f"{url}/users/{user}")
+    return answer.get("signals") if isinstance(answer, dict) else None
 
 
-def wait_for_windows(url: str, expected: dict[str, list[dict]], timeout: float = 60.0) -> dict[str, list[dict] | None]:
+def wait_for_windows(url: str, expected: dict[str, list[dict]], timeout: float = WAIT_S) -> dict[str, list[dict] | None]:
     """Poll until every user's served window equals ``expected`` (or the timeout); the last answers."""
     deadline = time.monotonic() + timeout
     while True:
@@ -212,7 +234,7 @@ def wait_for_windows(url: str, expected: dict[str, list[dict]], timeout: float =
         time.sleep(0.5)
 
 
-def read_topic(bootstrap: str, topic: str, *, idle_s: float = 2.0, timeout: float = 30.0) -> list:
+def read_topic(bootstrap: str, topic: str, *, idle_s: float = 2.0, timeout: float = WAIT_S) -> list:
     """Every (key, JSON value) in ``topic``, read from the start until nothing arrives for ``idle_s``.
 
     Assigned by hand (no group join to wait for) and ended by idleness, not by end offsets,
@@ -235,7 +257,7 @@ def read_topic(bootstrap: str, topic: str, *, idle_s: float = 2.0, timeout: floa
     return got
 
 
-def wait_for_triggers(bootstrap: str, topic: str, triggers: set[str], timeout: float = 60.0) -> Counter[str]:
+def wait_for_triggers(bootstrap: str, topic: str, triggers: set[str], timeout: float = WAIT_S) -> Counter[str]:
     """How often each trigger_event_id was published to ``topic``, once every one of
     ``triggers`` is there (or at the timeout)."""
     deadline = time.monotonic() + timeout
@@ -267,23 +289,23 @@ class FaultCounts:
         return asdict(self)
 
 
-def fault_counts(scenario: str, stack: Stack, served: dict[str, list[dict] | None], published: Counter[str],
-                 dlq: int, started: float) -> FaultCounts:
-    sent = {event_id for ids in stack.sent.values() for event_id in ids}
+def fault_counts(scenario: str, events: dict[str, list[dict]], served: dict[str, list[dict] | None],
+                 published: Counter[str], dlq: int, started: float) -> FaultCounts:
+    """The counts as measured: ``events`` sent per user, the ``served`` windows, how often each
+    trigger was ``published``, the ``dlq`` records read back."""
+    sent = {ev["event_id"] for evs in events.values() for ev in evs}
     in_state = sum(len(sent & {s["event_id"] for s in window or []}) for window in served.values())
-    return FaultCounts(scenario, sum(len(ids) for ids in stack.sent.values()), in_state, sum(published.values()),
+    return FaultCounts(scenario, sum(len(evs) for evs in events.values()), in_state, sum(published.values()),
                        sum(n - 1 for n in published.values()), dlq, round(time.monotonic() - started, 1))
 
 
 def counter(worker: WorkerProcess, name: str) -> int:
     """One of the worker's /stats counters (0 while it does not answer)."""
-    try:
-        return int(worker.stats()["counters"].get(name, 0))
-    except (OSError, ValueError):
-        return 0
+    answer = poll_json(f"{worker.url}/stats")
+    return int(answer.get("counters", {}).get(name, 0)) if isinstance(answer, dict) else 0
 
 
-def wait_busy(worker: WorkerProcess, events: int, timeout: float = 30.0) -> None:
+def wait_busy(worker: WorkerProcess, events: int, timeout: float = WAIT_S) -> None:
     """Until the worker has applied ``events`` events and published a recommendation since it
     started, so a fault lands while it is consuming and refreshing, not while idle."""
     deadline = time.monotonic() + timeout
@@ -292,7 +314,7 @@ def wait_busy(worker: WorkerProcess, events: int, timeout: float = 30.0) -> None
         time.sleep(0.2)
 
 
-def check_nothing_lost(scenario: str, stack: Stack, url: str, started: float, *, timeout: float = 60.0,
+def check_nothing_lost(scenario: str, stack: Stack, url: str, started: float, *, timeout: float = WAIT_S,
                        report: Callable[[FaultCounts], None] = print) -> FaultCounts:
     """Assert that nothing sent through ``stack`` was lost, reading state through the worker at
     ``url``, and return the scenario's counts. For every user:
@@ -308,7 +330,7 @@ def check_nothing_lost(scenario: str, stack: Stack, url: str, started: float, *,
     last = {user: ids[-1] for user, ids in stack.sent.items()}
     published = wait_for_triggers(stack.bootstrap, stack.topic("recommendations"), set(last.values()), timeout)
     dlq = read_topic(stack.bootstrap, stack.topic("dlq"))
-    counts = fault_counts(scenario, stack, served, published, len(dlq), started)
+    counts = fault_counts(scenario, stack.events, served, published, len(dlq), started)
     report(counts)
 
     for user, sent in stack.sent.items():

@@ -31,7 +31,17 @@ from streams.contracts import (
     parse_event,
 )
 from streams.recommend import RecommendConfig, user_prompt
-from tests.streaming import CORPUS, FaultCounts, consume, event, window_ids
+from tests.streaming import (
+    CORPUS,
+    HTTP_TIMEOUT_S,
+    WAIT_S,
+    FaultCounts,
+    consume,
+    counter,
+    event,
+    wait_until,
+    window_ids,
+)
 from tools.stack import get_json
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -308,13 +318,6 @@ def user_texts(rec: dict[str, Any]) -> str:
     return " ".join([*rec.get("queries", []), *(i["title"] + " " + i["query"] for i in rec.get("items", []))])
 
 
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
-
-
 @pytest.mark.integration
 def test_worker_survives_hostile_records_and_keeps_users_apart(stack: Any, kafka_bootstrap: str,
                                                                fault_report: Any) -> None:
@@ -333,9 +336,8 @@ def test_worker_survives_hostile_records_and_keeps_users_apart(stack: Any, kafka
     stack.flush()
     total_good = len(good[A]) + len(good[B])
 
-    wait_until(lambda: worker.stats()["counters"].get("events_in", 0) >= len(bad) + total_good, 60,
-               "the worker to read every record")
-    letters = consume(kafka_bootstrap, stack.topic("dlq"), lambda got: len(got) >= len(bad), timeout=60)
+    wait_until(lambda: counter(worker, "events_in") >= len(bad) + total_good, WAIT_S, "the worker to read every record")
+    letters = consume(kafka_bootstrap, stack.topic("dlq"), lambda got: len(got) >= len(bad))
     assert len(letters) == len(bad), [v["error"][:80] for _, v in letters]
     expected = {(key, value or b""): (case, reason) for case, key, value, reason in bad}
     for key, letter in letters:
@@ -347,7 +349,7 @@ def test_worker_survives_hostile_records_and_keeps_users_apart(stack: Any, kafka
         assert letter["topic"] == topic and letter["offset"] >= 0
     assert not expected  # each hostile record exactly once
 
-    counters = worker.stats()["counters"]
+    counters = get_json(f"{worker.url}/stats", timeout=HTTP_TIMEOUT_S)["counters"]
     assert counters["events_dlq"] == len(bad) and counters["events_applied"] == total_good
 
     last = {user: evs[-1]["event_id"] for user, evs in good.items()}
@@ -367,17 +369,17 @@ def test_worker_survives_hostile_records_and_keeps_users_apart(stack: Any, kafka
             assert "<|" not in q and "|>" not in q and control_free(q), repr(q)
 
     # Windows hold exactly each user's valid events, and nothing of the other user.
-    windows = {u: get_json(f"{worker.url}/users/{u}") for u in (A, B)}
+    windows = {u: get_json(f"{worker.url}/users/{u}", timeout=HTTP_TIMEOUT_S) for u in (A, B)}
     for user in (A, B):
         assert sorted(window_ids(worker.url, user) or []) == sorted(e["event_id"] for e in good[user])
-    served = {u: get_json(f"{worker.url}/recommendations/{u}") for u in (A, B)}
+    served = {u: get_json(f"{worker.url}/recommendations/{u}", timeout=HTTP_TIMEOUT_S) for u in (A, B)}
     b_side = json.dumps(windows[B]) + " ".join(user_texts(r) for r in by_user[B]) + json.dumps(served[B])
     a_side = json.dumps(windows[A]) + " ".join(user_texts(r) for r in by_user[A]) + json.dumps(served[A])
     assert A_MARK not in b_side.lower() and B_MARK not in a_side.lower()
     assert A_MARK in a_side and B_MARK in b_side  # the markers are findable where they belong
 
     assert worker.proc is not None and worker.proc.poll() is None
-    assert get_json(f"{worker.url}/health")["status"] == "ok"
+    assert get_json(f"{worker.url}/health", timeout=HTTP_TIMEOUT_S)["status"] == "ok"
     duplicates = sum(n - 1 for n in Counter((r["user_id"], r["trigger_event_id"]) for _, r in recs).values())
     in_state = sum(len(windows[u]["signals"]) for u in (A, B))
     fault_report(FaultCounts("hostile-input", len(bad) + total_good, in_state, len(recs), duplicates, len(letters),

@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.faults.conftest import REPORT_DIR_ENV
-from tests.streaming import Stack
+from tests.streaming import (
+    FaultCounts,
+    Stack,
+    expected_window,
+    fault_counts,
+    read_topic,
+    wait_for_windows,
+    worker_settings,
+)
 from tools.bench import settings_from_env
 from tools.overload import (
     RSS_GROWTH_BOUND_MB,
@@ -115,7 +125,8 @@ DEBOUNCE_S = 2.0  # the production default: refreshes are paced by time, whateve
 
 
 @pytest.mark.integration
-def test_overload_keeps_memory_flat_coalesces_refreshes_and_drains(stack: Stack, tmp_path: Path) -> None:
+def test_overload_keeps_memory_flat_coalesces_refreshes_and_drains(
+        stack: Stack, tmp_path: Path, fault_report: Callable[[FaultCounts], None]) -> None:
     started = time.monotonic()
     extra = {"NEWSREC_REFRESH_MIN_INTERVAL_S": str(DEBOUNCE_S)}
     worker = stack.start_worker(**extra)
@@ -148,3 +159,20 @@ def test_overload_keeps_memory_flat_coalesces_refreshes_and_drains(stack: Stack,
         f"worker RSS grew {summary['rss_growth_mb']} MB from after burst 1 to after burst {BURSTS} "
         f"({[b['rss_settled_mb'] for b in bursts]}); report in {out}")
     assert (out / "overload.png").stat().st_size > 10_000
+
+    # Nothing lost, measured from the topics: every user's window equals the fault-free one
+    # (the newest window_max_signals events it was sent), nothing dead-lettered.
+    events: dict[str, list[dict]] = {}
+    for _, ev in read_topic(stack.bootstrap, stack.topic("events")):  # per key in send order
+        events.setdefault(ev["user_id"], []).append(ev)
+    settings = worker_settings(stack.env | extra)
+    expected = {user: expected_window(evs, settings) for user, evs in events.items()}
+    served = wait_for_windows(worker.url, expected)
+    published = Counter(v["trigger_event_id"] for _, v in read_topic(stack.bootstrap, stack.topic("recommendations")))
+    dlq = read_topic(stack.bootstrap, stack.topic("dlq"))
+    counts = fault_counts("overload-3x5000", events, served, published, len(dlq), started)
+    fault_report(counts)
+    assert counts.events_sent == EVENTS * BURSTS and len(events) == USERS
+    assert served == expected, [u for u in expected if served[u] != expected[u]]
+    assert counts.events_in_state == USERS * settings.window_max_signals  # full windows, bounded
+    assert dlq == [], f"valid events were dead-lettered: {dlq[:3]}"
