@@ -433,6 +433,10 @@ async def publish_batch(worker: Worker, generated: Generated) -> None:
     t0 = time.perf_counter()
     fused = await retrieve(worker.engine, generated.states, generated.queries, worker.config)
     metrics.observe("search_batch_ms", (time.perf_counter() - t0) * 1000)
+    if worker.settings.fault_kill_before_publish:  # tests/faults: a crash between model call and publish
+        import os
+
+        os._exit(137)
     now_wall = datetime.now(UTC)
     for r, queries, items in zip(batch, generated.queries, fused):
         rec = Recommendation(

@@ -260,6 +260,9 @@ class WorkerSettings(CommonSettings):
     # onnxruntime's CPU arena keeps its peak forever; off, worker RSS stays flat across
     # load bursts (bench faults) at a small cost per batch.
     model_memory_arena: bool = False
+    # Fault injection for tests/faults only (off by default): the process exits at once, like
+    # kill -9, after a batch's model and search calls and before its first publish.
+    fault_kill_before_publish: bool = False
 
     @field_validator("channel_weights")
     @classmethod
