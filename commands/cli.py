@@ -48,7 +48,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_index(args: argparse.Namespace) -> int:
     import elastic_transport
 
-    from streams.feed import run_indexer
+    from streams.feed import DeadLetters, run_indexer
     from streams.kafka_log import require_broker
 
     settings = load(CommonSettings)
@@ -63,6 +63,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         try:
             await engine.ensure_index()
             return await run_indexer(settings.consumer_config("newsrec-indexer"), settings.topic_news, engine,
+                                     dead_letters=DeadLetters(settings.producer_config(), settings.topic_dlq),
                                      idle_exit_s=args.exit_when_idle)
         finally:
             await engine.close()

@@ -161,6 +161,23 @@ class DenseIndex:
     async def upsert(self, articles: Sequence[NewsArticle]) -> int:
         return self.upsert_sync(articles)
 
+    def delete_sync(self, news_ids: Sequence[str]) -> None:
+        """Remove by news_id (unknown ids are ignored)."""
+        drop = {self._row[n] for n in news_ids if n in self._row}
+        if not drop:
+            return
+        keep = [i for i in range(len(self._ids)) if i not in drop]
+        self._ids = [self._ids[i] for i in keep]
+        self._titles = [self._titles[i] for i in keep]
+        self._matrix = self._matrix[keep]
+        self._row = {n: i for i, n in enumerate(self._ids)}
+
+    async def delete(self, news_ids: Sequence[str]) -> None:
+        self.delete_sync(news_ids)
+
+    def has(self, news_id: str) -> bool:
+        return news_id in self._row
+
     def search_many_sync(self, queries: Sequence[str], *, k: int = 10,
                          exclude: Sequence[Sequence[str]] | None = None,
                          within: Sequence[Sequence[str]] | None = None) -> list[list[Hit]]:

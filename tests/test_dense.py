@@ -88,3 +88,16 @@ def test_article_text_uses_title_abstract_entities() -> None:
 
 def test_empty_index_returns_empty_lists(embedder: MiniLMEmbedder) -> None:
     assert DenseIndex(embedder).search_many_sync(["anything"], k=3) == [[]]
+
+
+def test_delete_removes_articles_from_searches(embedder) -> None:
+    from index.document import NewsArticle
+
+    index = DenseIndex(embedder)
+    index.upsert_sync([NewsArticle(news_id=f"D{i}", title=t) for i, t in
+                       enumerate(["electric cars sell well", "football cup final", "stock market falls"])])
+    assert index.search_many_sync(["electric vehicles"], k=1)[0][0].news_id == "D0"
+    index.delete_sync(["D0", "unknown"])
+    assert index.count_sync() == 2 and not index.has("D0") and index.has("D1")
+    assert index.search_many_sync(["electric vehicles"], k=3)[0][0].news_id != "D0"
+    assert sorted(h.news_id for h in index.search_many_sync(["football"], k=5)[0]) == ["D1", "D2"]
