@@ -4,8 +4,11 @@ Data flow (all topics keyed by user_id):
 
     user-events ──► on_event: validate (bad → user-events-dlq), update the user's window
                     in the ``users`` table, queue a refresh (coalesced, debounced)
-    refresher task: every micro-batch → one model call → one search call → RRF per user
+    refresher task: every micro-batch → one model call → the recall channels (signals and
+                    model: one search call; dense; trending) → weighted RRF per user
                     ──► recommendations  and  ──► <app>-refresh-done (same partition)
+    trending task:  every partition of user-events (no group, from 24 h back) → clicks and
+                    shows per article (in process, the same on every worker)
     <app>-refresh-done ──► on_refresh_done: store the latest recommendation, clear the
                     user's pending trigger (state tables are only written inside streams,
                     so the completion is routed back through the user's own partition)
@@ -17,10 +20,12 @@ A refresh is pending in the table until its recommendation is published, so afte
 crash the pending sweep publishes it again (at-least-once; duplicates share the same
 trigger_event_id).
 
-When the model or the search server fails, the batch goes back to the queue and the
-refresher pauses ALL refreshes for a growing backoff (the dependency is shared, so other
-users' batches would fail the same way); events keep being consumed meanwhile, and
-GET /recommendations/{user} serves the last recommendation marked ``stale``.
+When the model fails or times out, the batch is published from the other channels
+(queries empty, ``"degraded": ["model"]``). When the search server fails, the batch goes
+back to the queue and the refresher pauses ALL refreshes for a growing backoff (the
+dependency is shared, so other users' batches would fail the same way); events keep being
+consumed meanwhile, and GET /recommendations/{user} serves the last recommendation marked
+``stale``. POST /rank orders a feed service's candidates for one user (see README).
 """
 
 from __future__ import annotations
@@ -47,7 +52,16 @@ from streams.contracts import (
     parse_event,
 )
 from streams.metrics import Metrics
-from streams.recommend import QueryModel, RecommendConfig, generate_queries, retrieve
+from streams.recommend import (
+    QueryModel,
+    Recall,
+    RecommendConfig,
+    TrendingView,
+    generate_queries,
+    rank,
+    recommend,
+    signal_queries,
+)
 from streams.refresh import Refresh, RefreshQueue
 from streams.rollout import (
     ActiveModel,
@@ -57,11 +71,17 @@ from streams.rollout import (
     version_of,
 )
 from streams.settings import WorkerSettings, redact
+from streams.trending import HORIZON_S, TrendingCounter
 from streams.window import UserState, apply_event, complete_refresh
 
 log = logging.getLogger(__name__)
 
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+# POST /rank: bodies above this are refused (413) before they are parsed.
+RANK_MAX_BODY_BYTES = 256 * 1024
+# Set on a /rank request forwarded to the owner of the user's partition: never forwarded again.
+ROUTED_HEADER = "X-Newsrec-Routed"
+TRENDING_DOMAINS = {"news_click": "clicked", "impression": "shown"}
 # /health must answer even when the search server does not.
 HEALTH_SEARCH_TIMEOUT_S = 2.0
 ERROR_SUMMARY_CHARS = 300
@@ -132,6 +152,136 @@ async def search_status(engine: SearchEngine, secrets: list[str],
     return {"ok": True, "documents": documents}
 
 
+class ModelChannelHealth:
+    """Failures and timeouts of the model channel: a refresh whose model call fails publishes
+    the other channels' items (``"degraded": ["model"]``) instead of pausing every refresh."""
+
+    def __init__(self, secrets: list[str] | None = None) -> None:
+        self.secrets = secrets or []
+        self.failures = 0
+        self.timeouts = 0
+        self.in_row = 0
+        self.degraded_batches = 0
+        self.last_error: dict[str, Any] | None = None
+
+    def failed(self, exc: BaseException | None, *, timed_out: bool = False, reason: str = "") -> str:
+        self.failures += 1
+        self.timeouts += timed_out
+        self.in_row += 1
+        text = reason or (error_summary(exc, self.secrets) if exc is not None else "model call failed")
+        self.last_error = {"error": text, "at": datetime.now(UTC).isoformat(), "timed_out": timed_out}
+        return text
+
+    def succeeded(self) -> None:
+        self.in_row = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"model_failures": self.failures, "model_timeouts": self.timeouts,
+                "model_failures_in_row": self.in_row, "degraded_batches": self.degraded_batches,
+                "last_model_error": self.last_error}
+
+
+class TrendingFeed:
+    """The trending channel's counts: clicks (``news_click``) and shows (``impression``) of
+    all users in hourly buckets over 24 h (:class:`streams.trending.TrendingCounter`), and
+    the last event text (the title) per news id.
+
+    In process, per worker: every worker reads every partition of ``user-events`` itself
+    (:func:`follow_trending`, no consumer group) from 24 h back, so all workers hold the
+    same counts and a restarted worker rebuilds them. Not a Faust windowed table."""
+
+    def __init__(self, horizon_s: float = HORIZON_S) -> None:
+        self.counter = TrendingCounter(horizon_s=horizon_s)
+        self.titles: dict[str, str] = {}
+        self.events = 0
+        self.skipped = 0
+
+    def add(self, raw: bytes, now: datetime | None = None) -> bool:
+        """Count one ``user-events`` value if it is a click or a show; anything else (or
+        invalid: on_event dead-letters it) is ignored."""
+        if b"news_click" not in raw and b"impression" not in raw:
+            return False
+        try:
+            event = parse_event(raw)
+        except ValueError:
+            self.skipped += 1
+            return False
+        kind = TRENDING_DOMAINS.get(event.domain)
+        if kind is None or not event.news_id:
+            return False
+        ts = min(event.ts, now or datetime.now(UTC))  # a producer's clock ahead of ours counts as now
+        self.counter.add(ts, **{kind: [event.news_id]})
+        self.titles[event.news_id] = event.text[:300]
+        self.events += 1
+        return True
+
+    def view(self, now: datetime | None = None) -> TrendingView:
+        view = TrendingView.at(self.counter, now or datetime.now(UTC), self.titles)
+        if len(self.titles) > 2 * len(view.scores) + 1_000:  # titles of articles that left the horizon
+            self.titles = {n: t for n, t in self.titles.items() if n in view.scores}
+        return view
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"events": self.events, "invalid_skipped": self.skipped, "items": len(self.titles)}
+
+
+def trending_consumer(settings: WorkerSettings) -> Any:
+    from confluent_kafka import Consumer
+
+    # Partitions are assigned by hand (no group membership, no commits): group.id is only required.
+    return Consumer(settings.consumer_config(f"{settings.app_id}-trending") | {"enable.auto.commit": False})
+
+
+async def follow_trending(consumer: Any, topic: str, feed: TrendingFeed, *, horizon_s: float = HORIZON_S,
+                          poll_s: float = 0.5) -> None:
+    """Forever: every partition of ``topic`` from ``horizon_s`` ago (by record timestamp; from
+    the start where the broker cannot say) into ``feed``. Counting happens on the event loop,
+    so the feed needs no lock; the consumer calls run in one thread."""
+    from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trending")
+    loop = asyncio.get_running_loop()
+
+    async def call(fn: Callable[..., Any], *args: Any) -> Any:
+        return await loop.run_in_executor(executor, fn, *args)
+
+    try:
+        while True:
+            try:
+                meta = (await call(consumer.list_topics, topic, 10.0)).topics[topic]
+                if meta.error is not None:
+                    raise KafkaException(meta.error)
+                partitions = sorted(meta.partitions)
+                break
+            except (KafkaException, KeyError) as exc:
+                log.warning("trending: cannot read %s yet (%s); retrying in 2s", topic, exc)
+                await asyncio.sleep(2.0)
+        start_ms = int((time.time() - horizon_s) * 1000)
+        try:
+            found = await call(consumer.offsets_for_times,
+                               [TopicPartition(topic, p, start_ms) for p in partitions], 10.0)
+            assign = []
+            for tp in found:
+                offset = tp.offset
+                if offset < 0:  # nothing newer than the horizon: from the current end on
+                    offset = (await call(consumer.get_watermark_offsets, TopicPartition(topic, tp.partition),
+                                         10.0))[1]
+                assign.append(TopicPartition(topic, tp.partition, offset))
+        except KafkaException as exc:
+            log.warning("trending: no offsets by time for %s (%s); reading it from the start", topic, exc)
+            assign = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions]
+        await call(consumer.assign, assign)
+        log.info("trending: following %d partitions of %s from %s", len(assign), topic,
+                 {tp.partition: tp.offset for tp in assign})
+        while True:
+            for msg in await call(consumer.consume, 500, poll_s):
+                if msg.error() is None and msg.value():
+                    feed.add(msg.value())
+    finally:
+        await loop.run_in_executor(executor, consumer.close)
+        executor.shutdown(wait=False)
+
+
 @dataclass
 class Worker:
     """The Faust app plus the parts the refresher needs; built by :func:`create_worker`."""
@@ -148,10 +298,30 @@ class Worker:
     refresh_done: Any
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)  # a refresh was queued
     health: RefreshHealth = field(default_factory=RefreshHealth)
+    dense: Any = None  # index.dense.DenseIndex (its embedder inside) when the dense channel is on
+    trending: TrendingFeed | None = None  # when the trending channel is on
+    news: Any = None  # the news feed: ``known`` (ids indexed so far), ``attach(loop)``
+    model_health: ModelChannelHealth = field(default_factory=ModelChannelHealth)
+    model_call: Any = None  # the last model call's future (still running after a timeout)
 
     @property
     def config(self) -> RecommendConfig:
         return RecommendConfig.from_settings(self.settings)
+
+    def recall(self, now: datetime | None = None) -> Recall:
+        """The channels' edges as of ``now``: engine, dense index, trending view."""
+        on = self.config.weights
+        dense = self.dense if "dense" in on else None
+        trending = self.trending.view(now) if self.trending is not None and "trending" in on else None
+        return Recall(self.engine, dense, trending)
+
+    def unknown_ids(self, news_ids: list[str]) -> list[str]:
+        """The ids not in the news index (as far as this worker has read it); unknowable
+        without a news feed or dense index: then none."""
+        known = getattr(self.news, "known", None)
+        if known is None:
+            return []
+        return [n for n in dict.fromkeys(news_ids) if n not in known]
 
 
 def _faust_broker_options(settings: WorkerSettings) -> dict[str, Any]:
@@ -187,8 +357,10 @@ class _RawKeyTable(faust.Table):
         return "raw" if typ is str else super()._serializer_from_type(typ)
 
 
-def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEngine, loader: Loader) -> Worker:
-    """``model`` serves until a rollout swaps in an announced one, loaded with ``loader``."""
+def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEngine, loader: Loader, *,
+                  dense: Any = None, news: Any = None) -> Worker:
+    """``model`` serves until a rollout swaps in an announced one, loaded with ``loader``;
+    ``dense`` (a DenseIndex) and ``news`` (the news feed: known ids) come from the runtime."""
     partitions = settings.topic_partitions
     datadir = settings.state_dir / "faust" / settings.app_id
     datadir.mkdir(parents=True, exist_ok=True)
@@ -219,7 +391,10 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
 
     secrets = settings.secret_values()
     worker = Worker(app, settings, ActiveModel(model), engine, RefreshQueue(settings.refresh_min_interval_s),
-                    Metrics(), users, latest, recommendations, refresh_done, health=RefreshHealth(secrets))
+                    Metrics(), users, latest, recommendations, refresh_done, health=RefreshHealth(secrets),
+                    dense=dense, news=news, model_health=ModelChannelHealth(secrets))
+    if "trending" in worker.config.weights:
+        worker.trending = TrendingFeed()
     metrics, queue, active_model = worker.metrics, worker.queue, worker.active_model
 
     async def reject(msg: Any, reason: str) -> None:
@@ -279,6 +454,18 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
         await follow_model_updates(update_consumer(settings), settings.topic_model_updates, active_model, loader,
                                    metrics, dead_letter_model_update)
 
+    if worker.trending is not None:
+        trending_feed = worker.trending
+
+        @app.task
+        async def trending_events() -> None:
+            await follow_trending(trending_consumer(settings), settings.topic_events, trending_feed)
+
+    if news is not None and hasattr(news, "attach"):
+        @app.task
+        async def attach_news_feed() -> None:
+            news.attach(asyncio.get_running_loop())  # dense upserts now run on this loop
+
     @app.timer(interval=settings.pending_sweep_interval_s)
     async def sweep_pending() -> None:
         active = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == settings.topic_events}
@@ -298,6 +485,7 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
     _user_table_view(app, latest, "/recommendations/{user_id}", "recommendation",
                      lambda user_id, rec: served_recommendation(rec, users.get(user_id)))
     _user_table_view(app, users, "/users/{user_id}", "window")
+    _rank_view(app, worker)
 
     @app.page("/health")
     async def health(web: Any, request: Request) -> Response:
@@ -309,15 +497,132 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
         status = ("ok" if search["ok"] else "degraded") if ready else "starting"
         body = {"status": status, **active_model.status(), "engine": engine.name,
                 "documents": search["documents"], "search": search, "refresh": worker.health.snapshot(),
-                "assigned_partitions": len(app.consumer.assignment())}
+                "channels": channels_snapshot(worker), "assigned_partitions": len(app.consumer.assignment())}
         return web.json(body, status=200 if ready else 503)
 
     @app.page("/stats")
     async def stats(web: Any, request: Request) -> Response:
         snap = metrics.snapshot() | {"queued": len(queue), "in_flight": queue.in_flight} | active_model.status()
-        return web.json(snap | {"refresh": worker.health.snapshot()})
+        return web.json(snap | {"refresh": worker.health.snapshot(), "channels": channels_snapshot(worker)})
 
     return worker
+
+
+def channels_snapshot(worker: Worker) -> dict[str, Any]:
+    """What /stats and /health say about the recall channels."""
+    weights = worker.config.weights
+    dense = worker.dense
+    return {"weights": weights, **worker.model_health.snapshot(),
+            "dense": None if dense is None else {"documents": dense.count_sync(),
+                                                 "error": getattr(dense, "error", None)},
+            "trending": None if worker.trending is None else worker.trending.snapshot()}
+
+
+class RankError(Exception):
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(body.get("error"))
+        self.status, self.body = status, body
+
+
+def parse_rank_request(raw: bytes, max_candidates: int) -> tuple[str, list[str], int]:
+    """``{"user_id": str, "candidates": [news ids], "k": int}`` (k optional: all) or RankError(400/413)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise RankError(400, {"error": "body is not JSON"}) from None
+    if not isinstance(body, dict):
+        raise RankError(400, {"error": "body must be a JSON object"})
+    unknown_fields = sorted(set(body) - {"user_id", "candidates", "k"})
+    if unknown_fields:
+        raise RankError(400, {"error": f"unknown field(s) {unknown_fields}: use user_id, candidates, k"})
+    user_id, candidates, k = body.get("user_id"), body.get("candidates"), body.get("k")
+    if not isinstance(user_id, str) or not 1 <= len(user_id) <= 128:
+        raise RankError(400, {"error": "user_id must be a string of 1-128 characters"})
+    if not isinstance(candidates, list) or not all(isinstance(c, str) and 1 <= len(c) <= 64 for c in candidates):
+        raise RankError(400, {"error": "candidates must be a list of news ids (strings of 1-64 characters)"})
+    if not candidates:
+        raise RankError(400, {"error": "candidates is empty"})
+    if len(candidates) > max_candidates:
+        raise RankError(413, {"error": f"{len(candidates)} candidates, more than {max_candidates} per request"})
+    if k is None:
+        k = len(candidates)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise RankError(400, {"error": "k must be a positive integer"})
+    return user_id, list(dict.fromkeys(candidates)), k
+
+
+async def _read_body(request: Request, limit: int = RANK_MAX_BODY_BYTES) -> bytes:
+    too_big = RankError(413, {"error": f"request body is larger than {limit} bytes"})
+    if request.content_length is not None and request.content_length > limit:
+        raise too_big
+    chunks, size = [], 0
+    while chunk := await request.content.read(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def rank_for_user(worker: Worker, user_id: str, candidates: list[str], k: int) -> dict[str, Any]:
+    """``candidates`` ordered for ``user_id`` from the user's current window, the model queries
+    of the user's last published recommendation (the model is never called here), dense
+    and trending; a user without signals gets the trending order, marked ``cold``."""
+    state = UserState.from_json(worker.users.get(user_id))
+    latest = worker.latest.get(user_id) or {}
+    cold = not state.signals
+    queries = [] if cold else list(latest.get("queries") or [])
+    recall = worker.recall()
+    await _warm_dense(worker, [state])
+    ordered = (await rank(recall, [state], [queries], [candidates], worker.config))[0][:k]
+    return {"user_id": user_id, "cold": cold, "queries": queries, "model_version": latest.get("model_version"),
+            "generated_at": datetime.now(UTC).isoformat(),
+            "items": [{"news_id": i.news_id, "title": i.title, "score": i.score, "query": i.query,
+                       "channels": list(i.channels)} for i in ordered]}
+
+
+def _rank_view(app: faust.App, worker: Worker) -> None:
+    """POST /rank: answered by the worker that owns the user's partition (the body is
+    forwarded once, marked with ROUTED_HEADER)."""
+
+    class RankView(View):
+        async def post(self, request: Request) -> Response:
+            try:
+                raw = await _read_body(request)
+                user_id, candidates, k = parse_rank_request(raw, worker.settings.rank_max_candidates)
+                unknown = worker.unknown_ids(candidates)
+                if unknown:
+                    raise RankError(400, {"error": f"unknown news id(s): {', '.join(unknown[:20])}",
+                                          "unknown": unknown})
+                if not request.headers.get(ROUTED_HEADER):
+                    forwarded = await _forward_to_owner(app, worker, user_id, request, raw)
+                    if forwarded is not None:
+                        return forwarded
+                return self.json(await rank_for_user(worker, user_id, candidates, k))
+            except RankError as exc:
+                return self.json(exc.body, status=exc.status)
+
+    app.page("/rank", name="rank")(RankView)
+
+
+def _url_ident(url: Any) -> tuple[str, int]:
+    return ((url.host if url.scheme else url.path) or "", int(url.port or 80))
+
+
+async def _forward_to_owner(app: faust.App, worker: Worker, user_id: str, request: Request,
+                            raw: bytes) -> Response | None:
+    """The owner's answer, or None when this worker owns the user's partition."""
+    try:
+        dest = app.router.key_store(worker.latest.name, user_id)
+    except KeyError:
+        raise RankError(503, {"error": "partition owners unknown (worker starting or rebalancing)"}) from None
+    if _url_ident(dest) == _url_ident(app.conf.canonical_url):
+        return None
+    host, port = _url_ident(dest)
+    url = request.url.with_host(host).with_port(port)
+    headers = {"Content-Type": "application/json", ROUTED_HEADER: "1"}
+    async with app.http_client.request(method="POST", url=url, data=raw, headers=headers) as response:
+        return app.web.text(await response.text(), content_type=response.content_type, status=response.status)
 
 
 def _user_table_view(app: faust.App, table: Any, path: str, what: str,
@@ -413,25 +718,87 @@ class Generated:
     states: list[UserState]
     queries: list[list[str]]
     model_version: str  # of the model that wrote these queries, not whichever is active at publish
+    degraded: list[str] = field(default_factory=list)  # channels left out of this batch (["model"])
+
+
+def _consume_result(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # a late failure of an abandoned call is not an unretrieved error
 
 
 async def generate_batch(worker: Worker, batch: list[Refresh], executor: ThreadPoolExecutor) -> Generated:
-    """One model call for the whole batch: each user's window → prompt → query list."""
+    """One model call for the whole batch: each user's window → prompt → query list.
+
+    A model that fails or takes longer than ``model_timeout_s`` leaves the batch without
+    queries, marked degraded: the other channels still publish. A timed-out call keeps
+    running in its thread; until it ends, batches go without the model at once."""
     states = [UserState.from_json(worker.users.get(r.user_id)) for r in batch]
     model = worker.active_model.current  # read once: a rollout swap never splits a batch
-    t0 = time.perf_counter()
-    queries = await asyncio.get_running_loop().run_in_executor(
-        executor, generate_queries, model, states, worker.config)
-    worker.metrics.observe("model_batch_ms", (time.perf_counter() - t0) * 1000)
+    cfg = worker.config
     worker.metrics.observe("batch_users", len(batch))
+    no_queries: list[list[str]] = [[] for _ in batch]
+    if "model" not in cfg.weights:
+        return Generated(batch, states, no_queries, version_of(model))
+    health = worker.model_health
+    if worker.model_call is not None and not worker.model_call.done():
+        health.failed(None, timed_out=True, reason="an earlier model call is still running after its timeout")
+        return _model_degraded(worker, batch, states, model)
+    t0 = time.perf_counter()
+    call = asyncio.get_running_loop().run_in_executor(executor, generate_queries, model, states, cfg)
+    call.add_done_callback(_consume_result)
+    worker.model_call = call
+    try:
+        queries = await asyncio.wait_for(asyncio.shield(call), worker.settings.model_timeout_s)
+    except TimeoutError as exc:
+        text = health.failed(exc, timed_out=True,
+                             reason=f"no answer within model_timeout_s={worker.settings.model_timeout_s:g}")
+        _log_model_failure(worker, batch, text, None)
+        return _model_degraded(worker, batch, states, model)
+    except Exception as exc:  # noqa: BLE001 - any model failure degrades this batch, never stops refreshes
+        text = health.failed(exc)
+        _log_model_failure(worker, batch, text, exc)
+        return _model_degraded(worker, batch, states, model)
+    health.succeeded()
+    worker.metrics.observe("model_batch_ms", (time.perf_counter() - t0) * 1000)
     return Generated(batch, states, queries, version_of(model))
 
 
+def _model_degraded(worker: Worker, batch: list[Refresh], states: list[UserState], model: QueryModel) -> Generated:
+    worker.model_health.degraded_batches += 1
+    # Kept for dashboards that count failed model stages (the batch itself is still published).
+    worker.metrics.inc("batches_failed")
+    worker.metrics.inc("batches_failed_model")
+    return Generated(batch, states, [[] for _ in batch], version_of(model), degraded=["model"])
+
+
+def _log_model_failure(worker: Worker, batch: list[Refresh], text: str, exc: BaseException | None) -> None:
+    in_row = worker.model_health.in_row
+    if in_row == 1:  # the traceback once per streak; then a line every 100 batches
+        log.error("model failed for a batch of %d users (%s); publishing the other channels", len(batch), text,
+                  exc_info=exc)
+    elif in_row % 100 == 0:
+        log.warning("model failed %d batches in a row (%s); publishing the other channels", in_row, text)
+
+
+async def _warm_dense(worker: Worker, states: list[UserState]) -> None:
+    """Embed the users' signal texts in a thread, so the dense channel's own call (on the
+    event loop) finds them in the embedder's cache instead of blocking the loop."""
+    dense = worker.dense
+    if dense is None or "dense" not in worker.config.weights or not dense.count_sync():
+        return
+    n = worker.config.dense_signals
+    texts = list(dict.fromkeys(t for s in states for t in signal_queries(s, n)))
+    if texts:
+        await asyncio.to_thread(dense.embedder.encode, texts)
+
+
 async def publish_batch(worker: Worker, generated: Generated) -> None:
-    """One search call for the batch, RRF per user, publish."""
+    """Every channel for the batch (one lexical search call, dense, trending), weighted RRF
+    per user, publish."""
     metrics, batch = worker.metrics, generated.batch
     t0 = time.perf_counter()
-    fused = await retrieve(worker.engine, generated.states, generated.queries, worker.config)
+    await _warm_dense(worker, generated.states)
+    fused = await recommend(worker.recall(), generated.states, generated.queries, worker.config)
     metrics.observe("search_batch_ms", (time.perf_counter() - t0) * 1000)
     if worker.settings.fault_kill_before_publish:  # tests/faults: a crash between model call and publish
         import os
@@ -441,9 +808,11 @@ async def publish_batch(worker: Worker, generated: Generated) -> None:
     for r, queries, items in zip(batch, generated.queries, fused):
         rec = Recommendation(
             user_id=r.user_id, generated_at=now_wall, model_version=generated.model_version, queries=queries,
-            items=[RecItem(news_id=i.news_id, title=i.title, score=i.score, query=i.query) for i in items],
+            items=[RecItem(news_id=i.news_id, title=i.title, score=i.score, query=i.query,
+                           channels=list(i.channels)) for i in items],
             trigger_event_id=r.trigger_event_id,
             latency_ms=round((time.monotonic() - r.first_seen_at) * 1000, 3),
+            degraded=list(generated.degraded),
         )
         body, key = rec.to_json_bytes(), r.user_id.encode("utf-8")
         await worker.recommendations.send(key=key, value=body)

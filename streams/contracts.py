@@ -109,6 +109,8 @@ class RecItem(_Contract):
     title: str
     score: float
     query: str
+    # The recall channels that found the item, strongest first (optional: older records lack it).
+    channels: list[str] = Field(default_factory=list)
 
 
 class Recommendation(_Contract):
@@ -123,6 +125,8 @@ class Recommendation(_Contract):
     trigger_event_id: str
     latency_ms: float
     stale: bool = False
+    # Channels left out of this refresh because they failed or timed out (e.g. ["model"]).
+    degraded: list[str] = Field(default_factory=list)
 
 
 # A version names a registry directory (<root>/<version>/): one safe path component.

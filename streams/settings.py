@@ -263,6 +263,11 @@ class WorkerSettings(CommonSettings):
     # Fault injection for tests/faults only (off by default): the process exits at once, like
     # kill -9, after a batch's model and search calls and before its first publish.
     fault_kill_before_publish: bool = False
+    # A model call slower than this is abandoned for the batch: the other channels publish
+    # without it (the record says "degraded": ["model"]).
+    model_timeout_s: float = Field(default=30.0, gt=0, le=3_600)
+    # POST /rank: the most candidates one request may rank.
+    rank_max_candidates: int = Field(default=500, ge=1, le=10_000)
 
     @field_validator("channel_weights")
     @classmethod
