@@ -33,7 +33,7 @@ from streams.refresh import RefreshQueue
 from streams.rollout import ActiveModel
 from streams.settings import WorkerSettings
 from streams.window import UserState, apply_event
-from tests.streaming import CORPUS, consume, latest_by_user
+from tests.streaming import CORPUS, TEXTS, consume, latest_by_user
 from tools.stack import get_json
 
 # -- in-process ------------------------------------------------------------------------------
@@ -322,3 +322,39 @@ def test_model_timing_out_still_publishes_the_other_channels(stack, kafka_bootst
     health = get_json(f"{worker.url}/health")
     assert health["status"] == "ok" and health["channels"]["last_model_error"]["timed_out"] is True
 
+
+def assigned_partitions(worker) -> int:
+    try:
+        return int(get_json(f"{worker.url}/health").get("assigned_partitions", 0))
+    except (OSError, ValueError):
+        return 0  # 503 while rebalancing
+
+
+@pytest.mark.integration
+def test_rank_on_either_worker_is_answered_by_the_owner_of_the_users_partition(stack, kafka_bootstrap):
+    a, b = (stack.start_worker(wait=False) for _ in range(2))
+    for w in (a, b):
+        w.wait_ready(documents=len(CORPUS), timeout=120)
+    users = [f"route-{n}" for n in range(12)]
+    last = {u: stack.send(u, 0, TEXTS[n % len(TEXTS)])["event_id"] for n, u in enumerate(users)}
+    stack.flush()
+
+    def covered(records: list) -> bool:
+        return {v["user_id"] for _, v in records if last.get(v["user_id"]) == v["trigger_event_id"]} == set(users)
+
+    assert set(latest_by_user(consume(kafka_bootstrap, stack.topic("recommendations"), covered))) == set(users)
+    candidates = [art.news_id for art in CORPUS[:30]]
+
+    def every_user_warm_on_both() -> bool:
+        # Only the owner of a user's partition holds the window: a worker answering for a user
+        # it does not own, without forwarding, would call every such user cold.
+        if not (assigned_partitions(a) and assigned_partitions(b)):
+            return False
+        for user in users:
+            for w in (a, b):
+                status, body = post_rank(w.url, {"user_id": user, "candidates": candidates, "k": 5})
+                if status != 200 or body["cold"] or len(body["items"]) != 5:
+                    return False
+        return True
+
+    wait_until(every_user_warm_on_both, 120, "/rank on both workers to answer from every user's window", a)
