@@ -37,8 +37,9 @@ class NewsFeed:
     """What the news follower writes into: the embedded engine (when there is one) and the
     set of news ids indexed so far (``known``: POST /rank refuses other ids)."""
 
-    def __init__(self, upsert: Callable[[list[NewsArticle]], int] | None = None) -> None:
-        self._upsert = upsert
+    def __init__(self, upsert: Callable[[list[NewsArticle]], int] | None = None,
+                 delete: Callable[[list[str]], None] | None = None) -> None:
+        self._upsert, self._delete = upsert, delete
         self.known: set[str] = set()
 
     def __call__(self, articles: list[NewsArticle]) -> int:
@@ -46,6 +47,12 @@ class NewsFeed:
             self._upsert(articles)
         self.known.update(a.news_id for a in articles)
         return len(articles)
+
+    def delete(self, news_ids: list[str]) -> None:
+        """A tombstone: the article leaves the engine and the known ids."""
+        if self._delete is not None:
+            self._delete(news_ids)
+        self.known.difference_update(news_ids)
 
 
 # Articles embedded per step: the dense index grows as it goes instead of all at once.
@@ -85,10 +92,16 @@ class LazyDense:
         return getattr(index, name)
 
 
+# Embeddings the embedder keeps by text: enough for a chunk of articles or a batch's signals
+# between the thread that embeds them and the loop that uses them (about 12 MiB); article
+# vectors live in the index itself, so a large cache would only duplicate them.
+EMBEDDING_CACHE = 8_192
+
+
 def _minilm_index() -> Any:
     from index.dense import DenseIndex, MiniLMEmbedder
 
-    return DenseIndex(MiniLMEmbedder())
+    return DenseIndex(MiniLMEmbedder(cache_size=EMBEDDING_CACHE))
 
 
 class DenseFeed:
@@ -128,6 +141,20 @@ class DenseFeed:
                         return done
             done += len(chunk)
         return done
+
+    def delete(self, news_ids: list[str]) -> None:
+        """A tombstone: removed on the loop too (or directly before it is attached)."""
+        index = self.dense.ensure()
+        if index is None:
+            return
+        with self._lock:
+            if self._loop is None:
+                index.delete_sync(news_ids)
+            else:
+                try:
+                    self._loop.call_soon_threadsafe(index.delete_sync, list(news_ids))
+                except RuntimeError:  # the worker's loop is closed: shutting down
+                    pass
 
     @staticmethod
     def _apply(index: Any, articles: Sequence[NewsArticle]) -> None:
@@ -214,14 +241,17 @@ def run_worker(settings: WorkerSettings) -> int:
     engine, _ = open_engine(settings)
     # One follower feeds the embedded engine (if any) and the known ids; the dense index has
     # its own, so embedding a large corpus never holds up the lexical index at start-up.
-    news = NewsFeed(getattr(engine, "upsert_sync", None) if settings.engine == "embedded" else None)
-    follower = IndexFollower(settings.consumer_config("newsrec-index-follower"), settings.topic_news, news)
+    embedded = settings.engine == "embedded"
+    news = NewsFeed(getattr(engine, "upsert_sync", None) if embedded else None,
+                    getattr(engine, "delete_sync", None) if embedded else None)
+    follower = IndexFollower(settings.consumer_config("newsrec-index-follower"), settings.topic_news, news,
+                             delete=news.delete)
     dense = open_dense(settings)
     dense_feed = DenseFeed(dense) if dense is not None else None
     followers = [follower]
     if dense_feed is not None:
         followers.append(IndexFollower(settings.consumer_config("newsrec-dense-follower"), settings.topic_news,
-                                       dense_feed))
+                                       dense_feed, delete=dense_feed.delete))
     for f in followers:
         f.start()
     if not follower.wait_caught_up(timeout=60):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -203,6 +204,47 @@ def test_dense_channel_is_skipped_with_a_warning_when_minilm_cannot_load(caplog)
     state = UserState.from_json(None)
     assert worker.recall().dense is dense
     assert asyncio.run(recommend(worker.recall(), [state], [[]], worker.config)) == [[]]  # skipped, no error
+
+
+async def test_dense_feed_embeds_in_its_thread_writes_on_the_loop_and_applies_tombstones():
+    from streams.runtime import DenseFeed, LazyDense, NewsFeed
+
+    class FakeEmbedder:
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+
+        def encode(self, texts):
+            self.calls.append(len(texts))
+
+    class FakeIndex:
+        def __init__(self) -> None:
+            self.embedder, self.ids, self.writers = FakeEmbedder(), [], []
+
+        def upsert_sync(self, articles):
+            self.ids += [a.news_id for a in articles]
+            self.writers.append(threading.get_ident())
+
+        def delete_sync(self, news_ids):
+            self.ids = [n for n in self.ids if n not in news_ids]
+
+        def count_sync(self):
+            return len(self.ids)
+
+    dense = LazyDense(FakeIndex)
+    feed = DenseFeed(dense)
+    assert await asyncio.to_thread(feed, list(CORPUS[:70])) == 70  # before attach: written directly
+    assert dense.count_sync() == 70 and dense.embedder.calls == [64, 6]  # in chunks
+    assert threading.get_ident() not in dense.writers
+    feed.attach(asyncio.get_running_loop())
+    await asyncio.to_thread(feed, list(CORPUS[70:80]))
+    await wait_for(lambda: dense.count_sync() == 80)
+    assert dense.writers[-1] == threading.get_ident()  # written on the loop, where searches run
+    await asyncio.to_thread(feed.delete, [CORPUS[0].news_id])
+    await wait_for(lambda: dense.count_sync() == 79)
+    news = NewsFeed()
+    news(list(CORPUS[:2]))
+    news.delete([CORPUS[0].news_id])
+    assert news.known == {CORPUS[1].news_id}
 
 
 def test_recommendation_contract_stays_backward_compatible():
