@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
+# stunnel4 + openssl: the TLS terminator and certificates of tests/faults/test_tls.py (root only).
+if ! { command -v stunnel && command -v openssl; } >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q stunnel4 openssl || { apt-get update -q && apt-get install -y -q stunnel4 openssl; }
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
