@@ -340,6 +340,13 @@ def test_rank_api_and_trending_on_a_real_worker(stack):
     assert body["items"][0]["title"] == CORPUS[7].title, (body, stats["channels"])
     assert stats["channels"]["trending"]["events"] >= 4 and stats["channels"]["model_failures"] == 0
 
+    # The dense channel joins once MiniLM has embedded the corpus (in the background).
+    wait_until(lambda: worker.stats()["channels"]["dense"]["documents"] == len(CORPUS), 180,
+               "the dense index to hold the corpus", worker)
+    status, body = post_rank(url, {"user_id": "u-known", "candidates": candidates})
+    assert status == 200 and any("dense" in i["channels"] for i in body["items"]), body
+    assert body["items"][0]["score"] > 0
+
 
 @pytest.mark.integration
 def test_model_timing_out_still_publishes_the_other_channels(stack, kafka_bootstrap):
