@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,6 +43,7 @@ MEMORY_ENGINE = "memory://tansu/"
 S3_BUCKET = "tansu"
 S3_ENGINE = f"s3://{S3_BUCKET}/"
 GRPC_PORT_OFFSET = 10_000  # seaweedfs' default gRPC port = http port + this
+TLS_PREFIX = "tls-"  # service name of a start_tls_front
 
 
 class InfraError(RuntimeError):
@@ -70,13 +72,16 @@ class LocalInfra:
         self.stop()
 
     # -- services --------------------------------------------------------------
-    def start_broker(self, port: int = 0, *, durable: bool = False, timeout: float = 15.0) -> str:
+    def start_broker(self, port: int = 0, *, durable: bool = False, advertised_port: int = 0,
+                     timeout: float = 15.0) -> str:
         """Start Tansu and return its bootstrap servers string.
 
         Memory storage by default (gone when the broker stops). ``durable`` stores topics,
         records and committed offsets in the local S3 server (started too if needed), so a
         :meth:`restart_broker` finds them again. Its end offsets are less reliable there
-        (see /work/shared/INFRA.md)."""
+        (see /work/shared/INFRA.md). ``advertised_port``: the port the broker names in its
+        metadata, where clients connect after bootstrap (a :meth:`start_tls_front` in front
+        of it); the listening port by default."""
         engine = S3_ENGINE if durable else MEMORY_ENGINE
         if (running := self._running_url("broker", port)) is not None:
             # No storage file: started before durable storage existed, so on memory.
@@ -91,11 +96,14 @@ class LocalInfra:
         argv = [
             str(binary), "broker",
             "--listener-url", listener,
-            "--advertised-listener-url", listener,
+            "--advertised-listener-url", f"tcp://{HOST}:{advertised_port or port}",
             "--storage-engine", engine,
         ]  # fmt: skip
-        url = self._start("broker", argv, f"{HOST}:{port}", _kafka_ready, timeout, env=env)
+        # Advertised elsewhere, a Kafka client here could not get past the metadata: probe TCP.
+        ready = _tcp_ready if advertised_port not in (0, port) else _kafka_ready
+        url = self._start("broker", argv, f"{HOST}:{port}", ready, timeout, env=env)
         self._file("broker", "storage").write_text(engine)
+        self._file("broker", "advertised").write_text(str(advertised_port))
         return url
 
     def stop_broker(self) -> None:
@@ -106,11 +114,13 @@ class LocalInfra:
         """Stop the running broker and, ``down_s`` later (an outage), start it again on the
         same port and storage (on memory storage it comes back empty)."""
         url, engine = _read(self._file("broker", "url")), _read(self._file("broker", "storage"))
+        advertised = int(_read(self._file("broker", "advertised")) or 0)
         if self._live_pid("broker") is None or url is None:
             raise InfraError("no broker is running on this state_dir; start_broker() first")
         self.stop_broker()
         time.sleep(down_s)
-        return self.start_broker(int(url.rsplit(":", 1)[1]), durable=engine == S3_ENGINE, timeout=timeout)
+        return self.start_broker(int(url.rsplit(":", 1)[1]), durable=engine == S3_ENGINE, advertised_port=advertised,
+                                 timeout=timeout)
 
     def start_storage(self, *, timeout: float = 60.0) -> str:
         """Start the S3 server (seaweedfs ``weed mini``, data under state_dir/seaweedfs) with
@@ -154,8 +164,33 @@ class LocalInfra:
         ]  # fmt: skip
         return self._start("search", argv, f"http://{HOST}:{port}", _elastic_ready, timeout)
 
+    def start_tls_front(self, name: str, target: str, cert: Path, key: Path, port: int = 0, *,
+                        timeout: float = 15.0) -> str:
+        """Start stunnel (Debian ``stunnel4``) as a TLS terminator: it accepts TLS on ``port``
+        with ``cert``/``key`` (PEM) and forwards the plain bytes to ``target`` (host:port).
+        Returns its host:port. Stopped by :meth:`stop_tls_front` or :meth:`stop`."""
+        service = f"{TLS_PREFIX}{name}"
+        if (running := self._running_url(service, port)) is not None:
+            return running
+        port = port or _free_port()
+        conf = self._file(service, "conf")
+        # Foreground, logging to stderr (the service log); handshake failures are logged at "err".
+        conf.write_text("\n".join([
+            "foreground = yes", "syslog = no", "pid =", "debug = notice",
+            f"[{name}]", f"accept = {HOST}:{port}", f"connect = {target}", f"cert = {cert}", f"key = {key}", "",
+        ]))  # fmt: skip
+        binary = shutil.which("stunnel") or shutil.which("stunnel4")
+        if binary is None:
+            raise InfraError("stunnel is not installed: apt-get install stunnel4 (setup.sh does, as root)")
+        return self._start(service, [binary, str(conf)], f"{HOST}:{port}", _tcp_ready, timeout)
+
+    def stop_tls_front(self, name: str) -> None:
+        self._stop(f"{TLS_PREFIX}{name}")
+
     def stop(self) -> None:
         """Stop every service started on this state_dir (by this or an earlier process)."""
+        for pid_file in self.state_dir.glob(f"{TLS_PREFIX}*.pid"):  # fronts first: they forward to the rest
+            self._stop(pid_file.stem)
         for name in SERVICES:
             self._stop(name)
 
@@ -259,7 +294,7 @@ class LocalInfra:
         child = self._children.pop(name, None)
         if child is not None:
             child.poll()  # reap it if another LocalInfra on this state_dir stopped it
-        for suffix in ("pid", "url", "storage"):
+        for suffix in ("pid", "url", "storage", "advertised"):
             self._file(name, suffix).unlink(missing_ok=True)
 
 
@@ -347,12 +382,18 @@ def _port_free(port: int) -> bool:
         return True
 
 
-def _kafka_ready(bootstrap: str) -> bool:
-    host, port = bootstrap.rsplit(":", 1)
-    # A plain TCP probe first, so librdkafka does not log a refused connection per try.
+def _tcp_ready(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
     try:
         socket.create_connection((host, int(port)), timeout=0.5).close()
     except OSError:
+        return False
+    return True
+
+
+def _kafka_ready(bootstrap: str) -> bool:
+    # A plain TCP probe first, so librdkafka does not log a refused connection per try.
+    if not _tcp_ready(bootstrap):
         return False
     try:
         AdminClient({"bootstrap.servers": bootstrap, "logger": logger}).list_topics(timeout=2)
@@ -392,7 +433,7 @@ def _is_our_server(pid: int) -> bool:
     except OSError:
         return False
     # A zombie has an empty cmdline, which correctly counts as gone.
-    return any(name in cmdline for name in (b"tansu", b"noida-db", b"weed"))
+    return any(name in cmdline for name in (b"tansu", b"noida-db", b"weed", b"stunnel"))
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
