@@ -267,7 +267,7 @@ async def follow_trending(consumer: Any, topic: str, feed: TrendingFeed, *, hori
                     offset = (await call(consumer.get_watermark_offsets, TopicPartition(topic, tp.partition),
                                          10.0))[1]
                 assign.append(TopicPartition(topic, tp.partition, offset))
-        except KafkaException as exc:
+        except Exception as exc:  # noqa: BLE001 - a broker without offsets by time: read it all
             log.warning("trending: no offsets by time for %s (%s); reading it from the start", topic, exc)
             assign = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions]
         await call(consumer.assign, assign)
@@ -276,7 +276,10 @@ async def follow_trending(consumer: Any, topic: str, feed: TrendingFeed, *, hori
         while True:
             for msg in await call(consumer.consume, 500, poll_s):
                 if msg.error() is None and msg.value():
-                    feed.add(msg.value())
+                    try:
+                        feed.add(msg.value())
+                    except Exception:  # one odd record must not stop the counts
+                        log.exception("trending: cannot count %s[%d]@%d", msg.topic(), msg.partition(), msg.offset())
     finally:
         await loop.run_in_executor(executor, consumer.close)
         executor.shutdown(wait=False)
