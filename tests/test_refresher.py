@@ -33,7 +33,7 @@ class SlowModel:
 class Engine:
     name = "fake"
 
-    async def search_many(self, queries, *, k=10, exclude=None):
+    async def search_many(self, queries, *, k=10, exclude=None, within=None):
         return [[Hit(f"N{abs(hash(q)) % 7}", q, 1.0), Hit("N-clicked", "x", 0.5)] for q in queries]
 
 
