@@ -26,7 +26,7 @@ import numpy as np
 
 from models.manifest import Manifest, write_manifest
 from models.prompt import build_prompt, render_chatml
-from models.runtime import MODEL_FILE, OnnxCausalLM
+from models.runtime import LOGITS_WINDOW_KEY, MODEL_FILE, OnnxCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,18 @@ def _run_optimum_export(hf_model_dir: Path, staging: Path, settings: ExportSetti
     keep_last_position_logits(staging / MODEL_FILE)
 
 
-def keep_last_position_logits(model_path: Path) -> None:
-    """Make the graph project only the last position onto the vocabulary.
+# Positions the exported graph projects onto the vocabulary: the last LOGITS_WINDOW of each
+# forward pass. 1 would do for plain greedy decoding; speculative decoding verifies a drafted
+# token and the ones before it in one pass and needs them all (see models.runtime).
+LOGITS_WINDOW = 8
 
-    Greedy decoding reads nothing else, and on a prefill the full (batch, seq, vocab)
-    logits dominate time and memory for small models (a 49k vocabulary).
+
+def keep_last_position_logits(model_path: Path, window: int = LOGITS_WINDOW) -> None:
+    """Make the graph project only the last ``window`` positions onto the vocabulary.
+
+    Decoding reads nothing else, and on a prefill the full (batch, seq, vocab) logits
+    dominate time and memory for small models (a 49k vocabulary). A pass over fewer tokens
+    returns them all (Slice clamps the start).
     """
     import onnx
     from onnx import TensorProto, helper
@@ -119,7 +126,7 @@ def keep_last_position_logits(model_path: Path) -> None:
     if len(producers) != 1 or producers[0].op_type != "MatMul":
         raise ExportValidationError(f"unexpected logits producer in {model_path}: {[n.op_type for n in producers]}")
     head = producers[0]
-    consts = {"last_pos_starts": -1, "last_pos_ends": 2**63 - 1, "last_pos_axes": 1}
+    consts = {"last_pos_starts": -window, "last_pos_ends": 2**63 - 1, "last_pos_axes": 1}
     for name, value in consts.items():
         model.graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], [value]))
     sliced = f"{head.input[0]}_last_position"
@@ -129,7 +136,8 @@ def keep_last_position_logits(model_path: Path) -> None:
     head.input[0] = sliced
     logits = next(o for o in model.graph.output if o.name == "logits")
     logits.type.tensor_type.shape.dim[1].Clear()
-    logits.type.tensor_type.shape.dim[1].dim_value = 1
+    logits.type.tensor_type.shape.dim[1].dim_param = "logits_positions"
+    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, LOGITS_WINDOW_KEY: str(window)})
     onnx.save(model, str(model_path))
 
 

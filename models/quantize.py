@@ -41,6 +41,14 @@ model agrees on 80-95% (SmolLM2-135M with these settings: 0.88 of 25 positions; 
 above 0.84-0.92; the tiny random test model ~0.9); a broken one (wrong scales, a mis-wired
 graph) picks near-random tokens out of a 49k vocabulary and agrees on almost none. 0.5 sits
 far from both.
+
+Int4 (``quantize_int4``, ``newsrec export --int4``): weight-only, with onnxruntime's own
+``MatMulNBitsQuantizer`` (round-to-nearest, asymmetric, one scale + zero point per block of
+``block_size`` input rows). MatMuls become ``MatMulNBits`` with ``accuracy_level`` 4 (int8
+activations on the CPU's integer dot-product kernels); the embedding ``Gather`` becomes
+``GatherBlockQuantized`` and the folded lm_head MatMul is quantised like the others, each
+switchable in ``Int4Settings``. Activations are not quantised, so ``down_proj`` needs no
+exclusion. The published copy passes the same gate as int8 (``validate_quantized``).
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,7 +76,6 @@ from models.runtime import CPU, MODEL_FILE, OnnxCausalLM
 
 log = logging.getLogger(__name__)
 
-INT8_SUFFIX = "-int8"
 # protobuf cannot serialise a single message over 2 GiB; bigger models need external data.
 _PROTOBUF_LIMIT = 2**31
 
@@ -80,6 +87,17 @@ class QuantizeSettings:
     reduce_range: bool = False
     op_types: tuple[str, ...] = ("MatMul",)
     exclude: str | None = "down_proj"  # regex over node names kept in fp32; None: none
+    quality_new_tokens: int = 16
+    min_top1_agreement: float = 0.5
+
+
+@dataclass(frozen=True)
+class Int4Settings:
+    block_size: int = 32  # input rows per scale (a power of two >= 16)
+    accuracy_level: int = 4  # MatMulNBits: int8 activations on the CPU
+    symmetric: bool = False
+    embedding: bool = True  # quantise the token embedding Gather
+    lm_head: bool = True  # quantise the (folded, tied) lm_head MatMul
     quality_new_tokens: int = 16
     min_top1_agreement: float = 0.5
 
@@ -141,6 +159,36 @@ def _quantize(src: Path, dst: Path, settings: QuantizeSettings, *, external_data
             "fp32_matmuls": ops.count("MatMul"), "external_data": external_data}
 
 
+def _quantize_int4(src: Path, dst: Path, settings: Int4Settings, *, external_data: bool) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(src))
+    folded = fold_constant_transposes(model)
+    floats = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2}
+    # The embedding is the Gather over a 2-D float initializer; shape Gathers stay as they are.
+    embeddings = [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in floats]
+    heads = [n.name for n in model.graph.node if "logits" in n.output]
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=4,
+        block_size=settings.block_size,
+        is_symmetric=settings.symmetric,
+        accuracy_level=settings.accuracy_level,
+        nodes_to_exclude=[] if settings.lm_head else heads,
+        nodes_to_include=embeddings if settings.embedding else None,
+        op_types_to_quantize=("MatMul",),
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
+    with _quiet_root_logger():
+        quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=external_data)
+    ops = [n.op_type for n in onnx.load(str(dst), load_external_data=False).graph.node]
+    return {"folded_transposes": folded, "int4_matmuls": ops.count("MatMulNBits"),
+            "int4_gathers": ops.count("GatherBlockQuantized"), "fp32_matmuls": ops.count("MatMul"),
+            "external_data": external_data}
+
+
 def compare_to_reference(reference: OnnxCausalLM, candidate: OnnxCausalLM, prompts: list[str],
                          new_tokens: int) -> dict[str, Any]:
     """How closely ``candidate`` follows ``reference`` on ``prompts``; see the module docstring.
@@ -156,7 +204,7 @@ def compare_to_reference(reference: OnnxCausalLM, candidate: OnnxCausalLM, promp
     ref_logits = np.concatenate([reference.next_token_logits([c]) for c in contexts])
     cand_logits = np.concatenate([candidate.next_token_logits([c]) for c in contexts])
     if not np.isfinite(cand_logits).all():
-        raise ExportValidationError("int8 model produces non-finite logits")
+        raise ExportValidationError("quantised model produces non-finite logits")
     agree = ref_logits.argmax(axis=-1) == cand_logits.argmax(axis=-1)
     first = [sum(len(ids) + 1 for ids in ref_ids[:i]) for i in range(len(prompts))]  # j = 0 rows
     diff = np.abs(cand_logits - ref_logits)
@@ -174,22 +222,23 @@ def compare_to_reference(reference: OnnxCausalLM, candidate: OnnxCausalLM, promp
     }
 
 
-def validate_int8(fp32_dir: Path, int8_dir: Path, settings: QuantizeSettings) -> dict[str, Any]:
-    """Quality of ``int8_dir`` against ``fp32_dir``; raises ExportValidationError on gross failure."""
+def validate_quantized(fp32_dir: Path, q_dir: Path, settings: QuantizeSettings | Int4Settings,
+                       dtype: str) -> dict[str, Any]:
+    """Quality of ``q_dir`` against ``fp32_dir``; raises ExportValidationError on gross failure."""
     reference = OnnxCausalLM(fp32_dir, providers=[CPU], verify=False)
     try:
-        candidate = OnnxCausalLM(int8_dir, providers=[CPU], verify=False)
+        candidate = OnnxCausalLM(q_dir, providers=[CPU], verify=False)
         metrics = compare_to_reference(reference, candidate, parity_prompts(), settings.quality_new_tokens)
     except ExportValidationError:
         raise
     except Exception as exc:  # onnxruntime raises several unrelated types; all mean "does not run"
-        raise ExportValidationError(f"int8 model does not run: {exc}") from exc
+        raise ExportValidationError(f"{dtype} model does not run: {exc}") from exc
     if not metrics["vs_fp32_top1_agreement"] >= settings.min_top1_agreement:
         raise ExportValidationError(
-            f"int8 next-token choice agrees with fp32 on {metrics['vs_fp32_top1_agreement']:.0%} of "
+            f"{dtype} next-token choice agrees with fp32 on {metrics['vs_fp32_top1_agreement']:.0%} of "
             f"{metrics['vs_fp32_positions']} positions (< {settings.min_top1_agreement:.0%})"
         )
-    log.info("int8 vs fp32: top-1 agreement %.2f, mean |logit diff| %.3g",
+    log.info("%s vs fp32: top-1 agreement %.2f, mean |logit diff| %.3g", dtype,
              metrics["vs_fp32_top1_agreement"], metrics["vs_fp32_mean_abs_logit_diff"])
     return metrics
 
@@ -198,33 +247,40 @@ def _model_bytes(sizes: dict[str, int]) -> int:
     return sum(size for rel, size in sizes.items() if rel.startswith(MODEL_FILE))
 
 
-def quantize_int8(
-    fp32_dir: Path,
-    out_dir: Path,
-    *,
-    version: str | None = None,
-    settings: QuantizeSettings | None = None,
-    overwrite: bool = False,
-) -> Manifest:
+def _publish_quantized(fp32_dir: Path, out_dir: Path, dtype: str, settings: QuantizeSettings | Int4Settings,
+                       quantize: Callable[..., dict[str, Any]], *, version: str | None, overwrite: bool) -> Manifest:
     """Quantise the published fp32 model in ``fp32_dir``, check it, publish it at ``out_dir``."""
-    settings = settings or QuantizeSettings()
     fp32_dir, out_dir = Path(fp32_dir), Path(out_dir)
     parent = verify_manifest(fp32_dir)  # only ever derive from a validated, intact export
-    version = version or f"{parent.version}{INT8_SUFFIX}"
+    version = version or f"{parent.version}-{dtype}"
     with publishing(out_dir, overwrite=overwrite) as staging:
         t0 = time.perf_counter()
-        stats = _quantize(fp32_dir / MODEL_FILE, staging / MODEL_FILE, settings,
-                          external_data=_model_bytes(parent.sizes) >= _PROTOBUF_LIMIT)
+        stats = quantize(fp32_dir / MODEL_FILE, staging / MODEL_FILE, settings,
+                         external_data=_model_bytes(parent.sizes) >= _PROTOBUF_LIMIT)
         copy_tokenizer(fp32_dir, staging)
         t1 = time.perf_counter()
-        metrics = validate_int8(fp32_dir, staging, settings)
+        metrics = validate_quantized(fp32_dir, staging, settings, dtype)
         t2 = time.perf_counter()
         model_bytes = sum(p.stat().st_size for p in staging.glob(f"{MODEL_FILE}*"))
         metrics |= {"quantize_s": round(t1 - t0, 2), "validation_s": round(t2 - t1, 2),
                     "model_bytes": model_bytes, "size_vs_fp32": round(model_bytes / _model_bytes(parent.sizes), 4)}
-        settings_info = {"task": parent.export.get("task"), "dtype": "int8",
+        settings_info = {"task": parent.export.get("task"), "dtype": dtype,
                          "quantization": asdict(settings) | stats}
         info = export_info(settings_info, fp32_dir, staging / MODEL_FILE)
         manifest = write_manifest(staging, parent.name, version, parent=parent.version, export=info, metrics=metrics)
-    log.info("published %s %s (int8 of %s) to %s", parent.name, version, parent.version, out_dir)
+    log.info("published %s %s (%s of %s) to %s", parent.name, version, dtype, parent.version, out_dir)
     return manifest
+
+
+def quantize_int8(fp32_dir: Path, out_dir: Path, *, version: str | None = None,
+                  settings: QuantizeSettings | None = None, overwrite: bool = False) -> Manifest:
+    """Dynamic int8 copy of a published fp32 model dir, version ``<fp32>-int8``."""
+    return _publish_quantized(fp32_dir, out_dir, "int8", settings or QuantizeSettings(), _quantize,
+                              version=version, overwrite=overwrite)
+
+
+def quantize_int4(fp32_dir: Path, out_dir: Path, *, version: str | None = None,
+                  settings: Int4Settings | None = None, overwrite: bool = False) -> Manifest:
+    """Weight-only int4 (MatMulNBits) copy of a published fp32 model dir, version ``<fp32>-int4``."""
+    return _publish_quantized(fp32_dir, out_dir, "int4", settings or Int4Settings(), _quantize_int4,
+                              version=version, overwrite=overwrite)

@@ -9,6 +9,15 @@ One decode loop serves both modes; only the per-step token choice differs:
 prompt with temperature and nucleus (top-p) sampling, e.g. for best-of-N reranking.
 Sampling uses one seeded RNG per output row, so results depend on ``seed`` but not on how
 rows are split into ONNX batches.
+
+Greedy decoding can draft by prompt lookup (``PromptLookup``): the last few tokens of a row
+are matched against its prompt and earlier output, the tokens that followed the match are
+fed after the row's last token in the same forward pass, and the longest prefix that greedy
+would have picked is kept, plus greedy's own next token. Rejected drafts stay in the KV
+cache as masked columns (the attention mask rolls them back, like left padding), so the
+output is the plain greedy output. Rows draft independently; a row without a match feeds
+padding. With ``max_queries`` a row stops at the newline after its list holds that many
+queries (``models.prompt.parse_queries``); the others go on.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import numpy as np
 import onnxruntime as ort
 
 from models.manifest import Manifest, read_manifest, verify_manifest
+from models.prompt import parse_queries
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +43,8 @@ MODEL_FILE = "model.onnx"
 IM_END = "<|im_end|>"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+# ONNX metadata written by models.export: how many last positions the graph returns logits for.
+LOGITS_WINDOW_KEY = "newsrec.logits_window"
 
 _ORT_DTYPES: dict[str, Any] = {
     "tensor(float)": np.float32,
@@ -53,10 +65,12 @@ class GenerationStats:
 
     batch_size: int  # rows per ONNX batch (largest)
     prompt_tokens: int  # padded prompt length (longest)
-    new_tokens: int  # decode steps actually run (summed over batches)
+    new_tokens: int  # forward passes run, prefill included (summed over batches)
     prefill_s: float
     decode_s: float
     batches: int = 1  # ONNX batches run
+    drafted: int = 0  # prompt-lookup tokens fed for verification
+    accepted: int = 0  # of those, kept (each one saves a forward pass for its row)
 
     @property
     def total_s(self) -> float:
@@ -110,6 +124,29 @@ class _Sampler:
         keep = np.zeros_like(probs, dtype=bool)
         np.put_along_axis(keep, order, mass_before < self.top_p, axis=-1)
         return np.where(keep, probs, 0.0)
+
+
+@dataclass(frozen=True)
+class PromptLookup:
+    """Prompt-lookup drafting: match the last ``max_ngram``..``min_ngram`` tokens, draft what followed."""
+
+    max_ngram: int = 3
+    min_ngram: int = 2
+    draft_tokens: int = 4  # at most; the export's logits window caps it (window - 1)
+
+
+def draft_by_lookup(context: Sequence[int], lookup: PromptLookup, limit: int) -> list[int]:
+    """Up to ``limit`` tokens that followed the latest earlier occurrence of the context's tail."""
+    if limit <= 0:
+        return []
+    seq = np.asarray(context, dtype=np.int64)
+    for n in range(min(lookup.max_ngram, len(seq) - 1), lookup.min_ngram - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # excludes the tail itself
+        hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return seq[start : start + limit].tolist()
+    return []
 
 
 def stop_token_ids(tokenizer: Any, model_dir: Path) -> frozenset[int]:
@@ -176,8 +213,13 @@ class OnnxCausalLM:
         verify: bool = True,
         intra_op_threads: int | None = None,
         memory_arena: bool = True,
+        prompt_lookup: PromptLookup | None = None,
+        max_queries: int | None = None,
     ) -> None:
-        from transformers import AutoTokenizer  # heavy import, keep it off module import
+        """``prompt_lookup``: draft greedy tokens from the prompt (None: plain decoding);
+        ``max_queries``: stop a row once its list holds that many queries (None: no early stop)."""
+
+        from transformers import AutoTokenizer  # heavy: keep it off module import
 
         self.model_dir = Path(model_dir)
         self.manifest: Manifest | None
@@ -209,9 +251,18 @@ class OnnxCausalLM:
         self._past_shape, self._past_dtype = self._past_layout()
         logits_meta = next(o for o in self.session.get_outputs() if o.name == "logits")
         self._vocab = logits_meta.shape[-1]  # int for normal exports; symbolic -> copy path
-        # Our exporter keeps only the last position (static 1); other exports give all positions.
-        self._logits_positions = logits_meta.shape[1] if logits_meta.shape[1] == 1 else None
+        # Positions a pass returns logits for (None: all). Our exporter keeps the last few (its
+        # metadata says how many; bootstrap-2 era exports: a static 1); foreign exports keep all.
+        window = self.session.get_modelmeta().custom_metadata_map.get(LOGITS_WINDOW_KEY)
+        self._logits_window: int | None = 1 if logits_meta.shape[1] == 1 else int(window) if window else None
         self._logits_dtype = _ORT_DTYPES[logits_meta.type]
+        if prompt_lookup is not None and self._logits_window is not None and self._logits_window < 2:
+            log.warning("%s returns one logits position: prompt lookup needs a re-export; decoding plainly",
+                        self.model_dir)
+            prompt_lookup = None
+        self.prompt_lookup = prompt_lookup
+        self.max_queries = max_queries
+        self._newline_ids: dict[int, bool] = {}
         self.last_stats: GenerationStats | None = None
         log.info(
             "loaded %s %s from %s on %s",
@@ -249,8 +300,10 @@ class OnnxCausalLM:
             raise ValueError("every prompt must contain at least one token")
         return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
-    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: dict[str, Any]):  # type: ignore[no-untyped-def]
-        """One forward pass; returns (logits of the last position, present cache as OrtValues)."""
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,  # type: ignore[no-untyped-def]
+             past: dict[str, Any], last: int = 1):
+        """One forward pass; returns (logits of the ``last`` positions (batch, last, vocab), present
+        cache as OrtValues)."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
         if "attention_mask" in self._inputs:
@@ -265,7 +318,7 @@ class OnnxCausalLM:
         if isinstance(self._vocab, int):
             # Write logits straight into a numpy buffer: the prefill's (batch, seq, vocab)
             # logits are hundreds of MB and OrtValue.numpy() would copy them.
-            positions = self._logits_positions or input_ids.shape[1]
+            positions = min(input_ids.shape[1], self._logits_window or input_ids.shape[1])
             logits_buf = np.empty((input_ids.shape[0], positions, self._vocab), dtype=self._logits_dtype)
             binding.bind_output("logits", "cpu", 0, logits_buf.dtype, logits_buf.shape, logits_buf.ctypes.data)
         else:
@@ -274,8 +327,8 @@ class OnnxCausalLM:
             binding.bind_output(name, self._device)  # cache stays on the device
         self.session.run_with_iobinding(binding)
         outputs = dict(zip(self._output_names, binding.get_outputs(), strict=True))
-        last = (logits_buf if isinstance(self._vocab, int) else outputs["logits"].numpy())[:, -1, :]
-        logits = np.array(last)  # own copy of just the last position, so the big buffer can go
+        all_logits = logits_buf if isinstance(self._vocab, int) else outputs["logits"].numpy()
+        logits = np.array(all_logits[:, -last:, :])  # own copy of just these, so the big buffer can go
         present = {past_name: outputs[name] for name, past_name in self._present_to_past.items()}
         return logits, present
 
@@ -289,61 +342,101 @@ class OnnxCausalLM:
         input_ids, attention_mask = self._encode(prompts)
         position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
         logits, _ = self._run(input_ids, attention_mask, position_ids, self._empty_past(len(prompts)))
-        return logits
+        return logits[:, -1, :]
+
+    def _ends_list(self, token: int, ids: list[int]) -> bool:
+        """True when ``token`` (just appended to ``ids``) ends the ``max_queries``-th query's line."""
+        if token not in self._newline_ids:
+            self._newline_ids[token] = "\n" in self.tokenizer.decode([token])
+        if not self._newline_ids[token] or self.max_queries is None:
+            return False
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return len(parse_queries(text[: text.rfind("\n")], max_queries=self.max_queries)) >= self.max_queries
 
     def _decode(
-        self, prompts: Sequence[str], *, max_new_tokens: int, choose: TokenChooser
+        self, prompts: Sequence[str], *, max_new_tokens: int, choose: TokenChooser, lookup: PromptLookup | None = None
     ) -> tuple[list[list[int]], GenerationStats]:
         """The shared KV-cache decode loop over one ONNX batch; ``choose`` picks each step's tokens.
 
-        Returns new token ids per prompt (eos excluded) and this batch's stats.
+        ``lookup`` (greedy only) drafts tokens that one pass verifies. Returns new token ids per
+        prompt (eos excluded) and this batch's stats.
         """
         batch = len(prompts)
         input_ids, attention_mask = self._encode(prompts)
         prompt_tokens = int(input_ids.shape[1])
+        contexts = [row[mask == 1].tolist() for row, mask in zip(input_ids, attention_mask, strict=True)]
         # Left padding: positions count real tokens only; pads get 0 (they are masked anyway).
         position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
+        next_pos = attention_mask.sum(axis=1)  # each row's next position = its real tokens so far
         past: dict[str, Any] = self._empty_past(batch)
-        eos = np.fromiter(self.eos_ids, dtype=np.int64)
+        out: list[list[int]] = [[] for _ in range(batch)]
+        drafts: list[list[int]] = [[] for _ in range(batch)]
         done = np.zeros(batch, dtype=bool)
-        steps: list[np.ndarray] = []
+        max_draft = min(lookup.draft_tokens, (self._logits_window or max_new_tokens) - 1) if lookup else 0
+        passes = drafted = accepted = 0
 
         t0 = time.perf_counter()
         prefill_s = 0.0
-        for step in range(max_new_tokens):
-            logits, past = self._run(input_ids, attention_mask, position_ids, past)
-            # Finished rows keep running (the batch is one tensor) but only emit padding.
-            next_ids = np.where(done, self.pad_id, choose(logits)).astype(np.int64)
-            steps.append(next_ids)
-            done |= np.isin(next_ids, eos)
-            if step == 0:
+        while True:
+            width = input_ids.shape[1] if passes else 1  # the prefill verifies nothing
+            logits, past = self._run(input_ids, attention_mask, position_ids, past, last=width)
+            passes += 1
+            if passes == 1:
                 prefill_s = time.perf_counter() - t0
+            # (batch, width): greedy's pick after each fed token; a sampler sees only the last.
+            picks = logits.argmax(axis=-1) if width > 1 else choose(logits[:, -1])[:, None]
+            keep = np.zeros((batch, width), dtype=np.int64)  # fed columns that stay in the cache
+            for r in np.flatnonzero(~done):
+                draft = drafts[r]
+                agree = 0
+                while agree < len(draft) and draft[agree] == picks[r, agree]:
+                    agree += 1
+                keep[r, : agree + 1] = 1
+                drafted, accepted = drafted + len(draft), accepted + agree
+                for token in [*draft[:agree], int(picks[r, agree])]:
+                    if token in self.eos_ids:
+                        done[r] = True
+                        break
+                    out[r].append(token)
+                    contexts[r].append(token)
+                    if len(out[r]) >= max_new_tokens or self._ends_list(token, out[r]):
+                        done[r] = True
+                        break
+            if passes > 1:  # the fed last token and accepted drafts are in the cache now
+                next_pos += keep.sum(axis=1)
+                attention_mask[:, -width:] = keep  # roll back rejected drafts and padding: mask them
             if done.all():
                 break
-            input_ids = next_ids[:, None]
-            attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            position_ids = position_ids[:, -1:] + 1
+            # Next pass: each row's last token, then its draft; rows with shorter drafts pad.
+            drafts = [[] if done[r] else draft_by_lookup(contexts[r], lookup, min(max_draft, max_new_tokens - len(out[r]) - 1))
+                      for r in range(batch)] if lookup else drafts
+            width = 1 + max(map(len, drafts))
+            input_ids = np.full((batch, width), self.pad_id, dtype=np.int64)
+            fed = np.zeros((batch, width), dtype=np.int64)
+            for r in np.flatnonzero(~done):
+                row = [contexts[r][-1], *drafts[r]]
+                input_ids[r, : len(row)] = row
+                fed[r, : len(row)] = 1
+            attention_mask = np.concatenate([attention_mask, fed], axis=1)
+            position_ids = next_pos[:, None] + np.arange(width)
         total_s = time.perf_counter() - t0
         stats = GenerationStats(
             batch_size=batch,
             prompt_tokens=prompt_tokens,
-            new_tokens=len(steps),
+            new_tokens=passes,
             prefill_s=prefill_s,
             decode_s=total_s - prefill_s,
+            drafted=drafted,
+            accepted=accepted,
         )
-
-        tokens = np.stack(steps, axis=1) if steps else np.zeros((batch, 0), dtype=np.int64)
-        out: list[list[int]] = []
-        for row in tokens.tolist():
-            cut = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
-            out.append(row[:cut])
         return out, stats
 
     def generate_ids(self, prompts: Sequence[str], *, max_new_tokens: int = 48) -> list[list[int]]:
         """Greedy new token ids per prompt, eos excluded."""
         if not prompts:
             return []
-        out, self.last_stats = self._decode(prompts, max_new_tokens=max_new_tokens, choose=_greedy)
+        out, self.last_stats = self._decode(prompts, max_new_tokens=max_new_tokens, choose=_greedy,
+                                            lookup=self.prompt_lookup)
         return out
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 48) -> list[str]:

@@ -13,8 +13,11 @@ from models.export import parity_prompts
 from models.runtime import OnnxCausalLM
 from models.torch_lm import TorchCausalLM
 from tools.bench_models import (
+    FAST,
     ONNX_FP32,
+    ONNX_INT4,
     ONNX_INT8,
+    ROLES,
     STUDENT,
     TEACHER,
     compute_ratios,
@@ -22,10 +25,12 @@ from tools.bench_models import (
     target_checks,
 )
 
-ROLES = [TEACHER, STUDENT, ONNX_FP32, ONNX_INT8]
+MEASURED = [TEACHER, STUDENT, ONNX_FP32, ONNX_FP32 + FAST, ONNX_INT8, ONNX_INT8 + FAST]
 RATIO_KEYS = {
     "student_vs_teacher_users_per_s", "served_student", "served_vs_teacher_users_per_s", "onnx_vs_torch_users_per_s",
-    "int8_vs_fp32_users_per_s", "student_vs_teacher_recall@10", "int8_minus_fp32_recall@10",
+    "int8_vs_fp32_users_per_s", "int4_vs_fp32_users_per_s", "int4_vs_int8_users_per_s", "fast_vs_plain_users_per_s",
+    "served_vs_torch_users_per_s", "student_vs_teacher_recall@10", "int8_minus_fp32_recall@10",
+    "int4_minus_fp32_recall@10", "fast_minus_plain_recall@10",
 }
 
 
@@ -45,14 +50,16 @@ def _bench(tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any]]:
     return code, json.loads(out.read_text()) if out.exists() else {}
 
 
-def test_bench_all_four_models_with_eval(tiny_model_dir: Path, tiny_int8_dir: Path, small_sim_dataset: Path,
-                                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_models_plain_and_fast_with_eval(tiny_model_dir: Path, tiny_int8_dir: Path, small_sim_dataset: Path,
+                                               tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hf = tiny_model_dir.parent / "hf"
     code, report = _bench(tmp_path, "--teacher", str(hf), "--student", str(hf), "--student-onnx", str(tiny_model_dir),
-                          "--student-int8", str(tiny_int8_dir), "--data", str(small_sim_dataset), "--users", "4")
+                          "--student-int8", str(tiny_int8_dir), "--data", str(small_sim_dataset), "--users", "4",
+                          "--fast")
     assert code == 0
-    assert list(report["models"]) == ROLES and report["prompts"]["source"] == "dataset"
-    for role in ROLES:
+    assert list(report["models"]) == list(ROLES) and report["prompts"]["source"] == "dataset"
+    assert [r for r in ROLES if report["models"][r]["skipped"]] == [ONNX_INT4, ONNX_INT4 + FAST]
+    for role in MEASURED:
         row = report["models"][role]
         assert row["skipped"] is None and row["runtime"] == ("onnx" if "onnx" in role else "torch")
         assert set(row["batches"]) == {"1", "2"}
@@ -62,20 +69,26 @@ def test_bench_all_four_models_with_eval(tiny_model_dir: Path, tiny_int8_dir: Pa
         assert row["eval"]["users"] == 4
         assert 0 <= row["eval"]["recall@10"] <= 1 and 0 <= row["eval"]["ndcg@10"] <= 1
     assert report["models"][ONNX_INT8]["version"].endswith("-int8")
+    assert report["models"][ONNX_INT8 + FAST]["fast"] is True and report["models"][ONNX_INT8]["fast"] is False
+    assert report["models"][ONNX_FP32 + FAST]["batches"]["2"]["passes_per_batch"] >= 1
 
     ratios = report["ratios"]
     assert set(ratios) == RATIO_KEYS
     for key in ("student_vs_teacher_users_per_s", "onnx_vs_torch_users_per_s", "int8_vs_fp32_users_per_s"):
         assert set(ratios[key]) == {"1", "2"} and all(v > 0 for v in ratios[key].values())
-    assert ratios["served_student"]["2"] in (STUDENT, ONNX_FP32, ONNX_INT8)
-    assert ratios["int8_minus_fp32_recall@10"] is not None
+    assert ratios["served_student"]["2"] in MEASURED[1:]
+    assert ratios["int8_minus_fp32_recall@10"] is not None and ratios["int4_minus_fp32_recall@10"] is None
+    assert all(v > 0 for v in ratios["fast_vs_plain_users_per_s"][ONNX_INT8].values())
+    # The stop after the configured queries keeps the parsed queries: the same Recall.
+    assert ratios["fast_minus_plain_recall@10"][ONNX_FP32] in (0.0, None)
     # Teacher and student are the same model here: same greedy queries, same Recall (None if it is 0).
     assert ratios["student_vs_teacher_recall@10"] in (1.0, None)
-    assert len(report["targets"]) == 5
+    assert len(report["targets"]) == 7
     assert all((t["met"] is None) == (t["value"] is None) for t in report["targets"])
 
     printed = capsys.readouterr().out
     assert "| student (ONNX int8) |" in printed and "ONNX fp32 / torch users/s (batch 2)" in printed
+    assert "| student (ONNX int8) + lookup + stop |" in printed
 
 
 def test_bench_skips_models_not_given(tiny_model_dir: Path, tmp_path: Path,
@@ -83,7 +96,7 @@ def test_bench_skips_models_not_given(tiny_model_dir: Path, tmp_path: Path,
     code, report = _bench(tmp_path, "--student-onnx", str(tiny_model_dir))
     assert code == 0
     assert report["prompts"]["source"] == "fixed"
-    assert [r for r in ROLES if report["models"][r]["skipped"]] == [TEACHER, STUDENT, ONNX_INT8]
+    assert [r for r in ROLES if not report["models"][r]["skipped"]] == [ONNX_FP32]
     assert report["models"][ONNX_FP32]["eval"] is None
     assert set(report["ratios"]) == RATIO_KEYS
     assert report["ratios"]["onnx_vs_torch_users_per_s"] == {"1": None, "2": None}
@@ -96,16 +109,24 @@ def test_ratios_and_targets_from_rows() -> None:
     def row(users_per_s: float, recall: float) -> dict[str, Any]:
         return {"skipped": None, "batches": {"8": {"users_per_s": users_per_s}}, "eval": {"recall@10": recall}}
 
-    rows = {TEACHER: row(1.0, 0.40), STUDENT: row(10.0, 0.39), ONNX_FP32: row(25.0, 0.39), ONNX_INT8: row(40.0, 0.375)}
+    rows = {TEACHER: row(1.0, 0.40), STUDENT: row(10.0, 0.39), ONNX_FP32: row(25.0, 0.39), ONNX_INT8: row(40.0, 0.375),
+            ONNX_INT4: row(50.0, 0.385), ONNX_INT4 + FAST: row(75.0, 0.385)}
     ratios = compute_ratios(rows, (8,))
     assert ratios["student_vs_teacher_users_per_s"] == {"8": 10.0}
-    assert ratios["served_student"] == {"8": ONNX_INT8} and ratios["served_vs_teacher_users_per_s"] == {"8": 40.0}
+    assert ratios["served_student"] == {"8": ONNX_INT4 + FAST} and ratios["served_vs_teacher_users_per_s"] == {"8": 75.0}
+    assert ratios["served_vs_torch_users_per_s"] == {"8": 7.5}
     assert ratios["onnx_vs_torch_users_per_s"] == {"8": 2.5} and ratios["int8_vs_fp32_users_per_s"] == {"8": 1.6}
+    assert ratios["int4_vs_fp32_users_per_s"] == {"8": 2.0} and ratios["int4_vs_int8_users_per_s"] == {"8": 1.25}
+    assert ratios["fast_vs_plain_users_per_s"] == {ONNX_FP32: {"8": None}, ONNX_INT8: {"8": None},
+                                                   ONNX_INT4: {"8": 1.5}}
     assert ratios["student_vs_teacher_recall@10"] == 0.975 and ratios["int8_minus_fp32_recall@10"] == -0.015
+    assert ratios["int4_minus_fp32_recall@10"] == -0.005
+    assert ratios["fast_minus_plain_recall@10"] == {ONNX_FP32: None, ONNX_INT8: None, ONNX_INT4: 0.0}
     met = {t["name"]: t["met"] for t in target_checks(ratios, (8,))}
     assert met == {"student Recall@10 / teacher": True, "served student users/s / teacher (batch 8)": True,
+                   "served student / student torch users/s (batch 8)": True,
                    "ONNX fp32 / torch users/s (batch 8)": True, "int8 / fp32 users/s (batch 8)": True,
-                   "int8 - fp32 Recall@10": False}
+                   "int8 - fp32 Recall@10": False, "int4 - fp32 Recall@10": True}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,4 +1,4 @@
-"""int8 dynamic quantisation and ``newsrec export``, on the tiny random model."""
+"""int8 dynamic and int4 weight-only quantisation and ``newsrec export``, on the tiny random model."""
 
 from __future__ import annotations
 
@@ -13,13 +13,17 @@ from models import export as export_mod
 from models import quantize as quantize_mod
 from models.export import ExportValidationError, parity_prompts
 from models.manifest import read_manifest, sha256_file, verify_manifest
-from models.quantize import QuantizeSettings, quantize_int8
+from models.quantize import Int4Settings, QuantizeSettings, quantize_int4, quantize_int8
 from models.runtime import OnnxCausalLM
 
 QUALITY_KEYS = {
     "vs_fp32_top1_agreement", "vs_fp32_first_token_agreement", "vs_fp32_positions", "vs_fp32_max_abs_logit_diff",
     "vs_fp32_mean_abs_logit_diff", "vs_fp32_greedy_token_agreement", "vs_fp32_greedy_exact_match",
 }
+# The tiny model's weights are wide random normals (std 0.2): 4-bit blocks of them move its
+# near-tied logits far more than a trained model's (SmolLM2-135M: 0.80 agreement, the default
+# gate 0.5). It agrees on ~0.26; a broken model on ~0 of a 49k vocabulary.
+TINY_INT4_GATE = 0.15
 
 
 def _ops(model_dir: Path) -> list[str]:
@@ -82,6 +86,37 @@ def test_int8_that_cannot_run_is_not_published(tiny_model_dir: Path, tmp_path: P
     assert list(tmp_path.iterdir()) == []
 
 
+def test_int4_passes_the_gate_and_records_quality(tiny_model_dir: Path, tmp_path: Path) -> None:
+    manifest = quantize_int4(tiny_model_dir, tmp_path / "q4", settings=Int4Settings(min_top1_agreement=TINY_INT4_GATE))
+    fp32 = read_manifest(tiny_model_dir)
+    assert verify_manifest(tmp_path / "q4") == manifest
+    assert (manifest.version, manifest.parent) == (f"{fp32.version}-int4", fp32.version)
+    quant = manifest.export["quantization"]
+    assert manifest.export["dtype"] == "int4" and quant["block_size"] == 32 and quant["accuracy_level"] == 4
+    # 2 layers x 7 projections + the tied lm_head; the embedding Gather too.
+    ops = _ops(tmp_path / "q4")
+    assert quant["int4_matmuls"] == 15 == ops.count("MatMulNBits")
+    assert quant["int4_gathers"] == 1 == ops.count("GatherBlockQuantized")
+    m = manifest.metrics
+    assert QUALITY_KEYS <= set(m) and m["vs_fp32_top1_agreement"] >= TINY_INT4_GATE
+    assert m["size_vs_fp32"] < 0.5
+    lm = OnnxCausalLM(tmp_path / "q4", intra_op_threads=1)
+    assert len(lm.generate(parity_prompts(), max_new_tokens=4)) == 2
+
+
+def test_int4_can_keep_the_embedding_and_lm_head(tiny_model_dir: Path, tmp_path: Path) -> None:
+    settings = Int4Settings(embedding=False, lm_head=False, block_size=128, min_top1_agreement=TINY_INT4_GATE)
+    quant = quantize_int4(tiny_model_dir, tmp_path / "q4", settings=settings).export["quantization"]
+    assert (quant["int4_matmuls"], quant["int4_gathers"]) == (14, 0)
+    assert "GatherBlockQuantized" not in _ops(tmp_path / "q4")
+
+
+def test_int4_below_agreement_threshold_is_not_published(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExportValidationError, match="int4 next-token choice agrees with fp32"):
+        quantize_int4(tiny_model_dir, tmp_path / "strict", settings=Int4Settings(min_top1_agreement=1.01))
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- newsrec export -------------------------------------------------------------------------
 
 
@@ -98,6 +133,20 @@ def test_export_cli_publishes_fp32_and_int8(tiny_model_dir: Path, tmp_path: Path
     assert (int8.version, int8.parent) == ("s-1-int8", "s-1")
     printed = capsys.readouterr().out
     assert "published student s-1 at" in printed and "published student s-1-int8 at" in printed
+
+
+def test_export_cli_publishes_int4_with_its_gate(tiny_model_dir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "student"
+    code = main_for_tests(["export", "--model", str(tiny_model_dir.parent / "hf"), "--out", str(out), "--int4",
+                           "--int4-block-size", "128", "--min-agreement", str(TINY_INT4_GATE), "--name", "student",
+                           "--version", "s-1"])
+    assert code == 0
+    int4 = verify_manifest(tmp_path / "student-int4")
+    assert int4.version == "s-1-int4" and int4.export["quantization"]["block_size"] == 128
+    assert int4.export["quantization"]["min_top1_agreement"] == TINY_INT4_GATE
+    assert "published student s-1-int4 at" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student", "student-int4"]
 
 
 def test_export_cli_refuses_when_parity_fails(tiny_model_dir: Path, tmp_path: Path,
@@ -144,7 +193,7 @@ def test_export_cli_keeps_fp32_when_int8_is_refused(tiny_model_dir: Path, tmp_pa
     def failing(*args: object, **kwargs: object) -> dict[str, object]:
         raise ExportValidationError("int8 model does not run: boom")
 
-    monkeypatch.setattr(quantize_mod, "validate_int8", failing)
+    monkeypatch.setattr(quantize_mod, "validate_quantized", failing)
     out = tmp_path / "m"
     code = main_for_tests(["export", "--model", str(tiny_model_dir.parent / "hf"), "--out", str(out), "--int8",
                            "--int8-out", str(tmp_path / "q")])
@@ -159,6 +208,9 @@ def test_export_cli_int8_options_need_int8(tiny_model_dir: Path, tmp_path: Path,
     code = main_for_tests(["export", "--model", str(tiny_model_dir.parent / "hf"), "--out", str(tmp_path / "m"),
                            "--int8-exclude", ""])
     assert code == 2 and "only apply with --int8" in capsys.readouterr().err
+    code = main_for_tests(["export", "--model", str(tiny_model_dir.parent / "hf"), "--out", str(tmp_path / "m"),
+                           "--int4-block-size", "32"])
+    assert code == 2 and "only apply with --int4" in capsys.readouterr().err
 
 
 def test_export_names_a_training_runs_final_dir_after_the_run(tmp_path: Path) -> None:

