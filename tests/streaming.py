@@ -6,6 +6,9 @@ Clients here know only the README contracts (topic names, JSON values, key = use
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -342,3 +345,23 @@ def check_nothing_lost(scenario: str, stack: Stack, url: str, started: float, *,
     assert dlq == [], f"valid events were dead-lettered: {dlq[:3]}"
     assert counts.events_in_state == counts.events_sent
     return counts
+
+
+# -- the same scenarios on either search engine ------------------------------------------
+ENGINES = ("embedded", "elasticsearch")
+
+
+def use_engine(stack: Stack, engine: str, es_url: str | None = None) -> str:
+    """Point the stack's workers at ``engine``; for Elasticsearch (``es_url``) first index the
+    stack's news there with `newsrec index` (the production path), under an alias of its own.
+    Returns the suffix of the scenario names ("" or "-es")."""
+    if engine == "embedded":
+        return ""
+    assert es_url, "the elasticsearch variant needs the es_url fixture"
+    stack.env.update({"NEWSREC_SEARCH_ENGINE": "elasticsearch", "NEWSREC_ES_URL": es_url,
+                      "NEWSREC_ES_ALIAS": f"{stack.env['NEWSREC_APP_ID']}-news"})
+    indexed = subprocess.run([sys.executable, "-m", "commands.cli", "index", "--exit-when-idle", "2"],
+                             env=os.environ | stack.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             timeout=WAIT_S, check=False)
+    assert indexed.returncode == 0 and f"stopped after {len(CORPUS)} articles" in indexed.stdout, indexed.stdout[-2000:]
+    return "-es"

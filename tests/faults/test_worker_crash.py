@@ -16,6 +16,7 @@ import pytest
 
 from tests.streaming import (
     CORPUS,
+    ENGINES,
     FAULT_ENV,
     READY_S,
     FaultCounts,
@@ -23,6 +24,7 @@ from tests.streaming import (
     Traffic,
     check_nothing_lost,
     served_window,
+    use_engine,
     wait_busy,
 )
 from tools.stack import WorkerProcess, get_json
@@ -32,10 +34,13 @@ pytestmark = pytest.mark.integration
 USERS = [f"crash-{n}" for n in range(12)]
 
 
+# Also with NEWSREC_ES_URL: the Elasticsearch engine (the session's search server) under the same crashes.
+@pytest.mark.parametrize("engine", ENGINES)
 def test_repeated_kill_9_of_the_only_worker_loses_nothing(
-        stack: Stack, fault_report: Callable[[FaultCounts], None]) -> None:
+        stack: Stack, engine: str, request: pytest.FixtureRequest, fault_report: Callable[[FaultCounts], None]) -> None:
     started = time.monotonic()
     stack.env.update(FAULT_ENV)
+    suffix = use_engine(stack, engine, request.getfixturevalue("es_url") if engine == "elasticsearch" else None)
     kills = 3
     worker = stack.start_worker(timeout=READY_S)
     with Traffic(stack, USERS, interval_s=1.0) as traffic:
@@ -45,7 +50,7 @@ def test_repeated_kill_9_of_the_only_worker_loses_nothing(
             worker = stack.start_worker(timeout=READY_S)
         wait_busy(worker, len(USERS))
         traffic.wait_rounds(traffic.rounds + 2)  # some events reach only the last worker
-    counts = check_nothing_lost("worker-kill-9-x3", stack, worker.url, started, report=fault_report)
+    counts = check_nothing_lost(f"worker-kill-9-x3{suffix}", stack, worker.url, started, report=fault_report)
     assert counts.events_sent >= (kills + 1) * len(USERS)
 
 
