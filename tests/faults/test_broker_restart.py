@@ -23,6 +23,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from streams.settings import CommonSettings
 from tests.streaming import (
+    ENGINES,
     FAULT_ENV,
     READY_S,
     FaultCounts,
@@ -31,6 +32,7 @@ from tests.streaming import (
     check_nothing_lost,
     counter,
     stack_env,
+    use_engine,
     wait_busy,
 )
 from tools.infra import LocalInfra, create_topics
@@ -67,10 +69,14 @@ def durable_stack(durable_bootstrap: str, tiny_model_dir: Path, unique_name: str
     s.close()
 
 
+# Also with NEWSREC_ES_URL: the Elasticsearch engine (the session's search server) stays up meanwhile.
+@pytest.mark.parametrize("engine", ENGINES)
 def test_broker_restart_mid_stream_then_worker_crash_loses_nothing(
-        durable_infra: LocalInfra, durable_stack: Stack, fault_report: Callable[[FaultCounts], None]) -> None:
+        durable_infra: LocalInfra, durable_stack: Stack, engine: str, request: pytest.FixtureRequest,
+        fault_report: Callable[[FaultCounts], None]) -> None:
     started = time.monotonic()
     stack = durable_stack
+    suffix = use_engine(stack, engine, request.getfixturevalue("es_url") if engine == "elasticsearch" else None)
     worker = stack.start_worker(timeout=READY_S)
     # 1. The broker goes down mid-stream for longer than the group session timeout (6 s) and
     # comes back; producer and worker reconnect by themselves.
@@ -85,7 +91,7 @@ def test_broker_restart_mid_stream_then_worker_crash_loses_nothing(
             assert time.monotonic() < deadline, f"worker stuck after the broker restart:\n{worker.log_tail()}"
             time.sleep(0.5)
     assert worker.proc is not None and worker.proc.poll() is None, "the worker died with the broker"
-    check_nothing_lost("broker-restart-s3", stack, worker.url, started, report=fault_report)
+    check_nothing_lost(f"broker-restart-s3{suffix}", stack, worker.url, started, report=fault_report)
 
     # 2. Then the worker crashes: its successor rebuilds its tables from the changelogs the
     # restarted broker serves from S3, and resumes from the offsets committed before and after.
@@ -95,7 +101,7 @@ def test_broker_restart_mid_stream_then_worker_crash_loses_nothing(
         worker = stack.start_worker(timeout=READY_S)
         wait_busy(worker, len(USERS))
         traffic.wait_rounds(traffic.rounds + 2)
-    check_nothing_lost("broker-restart-s3-then-worker-kill-9", stack, worker.url, started, report=fault_report)
+    check_nothing_lost(f"broker-restart-s3-then-worker-kill-9{suffix}", stack, worker.url, started, report=fault_report)
 
 
 def test_records_and_committed_offsets_survive_a_broker_restart(durable_infra: LocalInfra, durable_bootstrap: str,
