@@ -44,6 +44,20 @@ def variants(cfg: RecommendConfig, channels: Sequence[str]) -> dict[str, Recomme
     return out
 
 
+def dataset_trending(dataset: Dataset) -> TrendingView | None:
+    """The trending view at the dataset's cutoff from all users' ``news_click`` and
+    ``impression`` events up to it (targets are after the cutoff: never counted)."""
+    now = dataset_cutoff(dataset)
+    if now is None:
+        return None
+    counter = TrendingCounter()
+    for evs in dataset.events.values():
+        for e in evs:
+            if e.news_id and e.ts <= now and e.domain in ("news_click", "impression"):
+                counter.add(e.ts, **{"clicked" if e.domain == "news_click" else "shown": [e.news_id]})
+    return TrendingView.at(counter, now, {a.news_id: a.title for a in dataset.news})
+
+
 @dataclass(frozen=True)
 class ChannelStudyConfig:
     samples: int | None = None  # the first N target users
@@ -62,13 +76,7 @@ async def channel_study(dataset: Dataset, engine: SearchEngine, dense: DenseInde
     users = dataset.users[: cfg.samples] if cfg.samples is not None else dataset.users
     now = dataset_cutoff(dataset)
     states = [build_state(dataset.events.get(u, ()), cfg.window) for u in users]
-    counter = TrendingCounter()
-    for evs in dataset.events.values():
-        for e in evs:
-            if e.domain == "news_click" and e.news_id and (now is None or e.ts <= now):
-                counter.add(e.ts, clicked=[e.news_id])
-    titles = {a.news_id: a.title for a in dataset.news}
-    view = TrendingView.at(counter, now, titles) if now is not None else None
+    view = dataset_trending(dataset)
     rc = cfg.recommend
     recall = Recall(engine, dense, view)
     lists: list[dict[str, Any]] = []

@@ -306,6 +306,18 @@ def test_property_normalized_idf_in_unit_interval(doc_freq: dict[str, int], extr
 # --- utility_reward / composite_reward -----------------------------------------------------
 
 
+def test_marginal_utility_rewards_only_what_the_model_adds() -> None:
+    from training.rewards import marginal_utility_reward
+
+    without = ["n1", "n2", "n3"]
+    # the model surfaces n9 (a held-out click) at the cost of n3 (not one): +1/2
+    assert marginal_utility_reward(["n1", "n9", "n2"], without, {"n2", "n9"}, k=3) == pytest.approx(0.5)
+    # it only repeats what the other channels found: nothing
+    assert marginal_utility_reward(without, without, {"n2"}, k=3) == 0.0
+    # it pushes a found click out of the top k: negative
+    assert marginal_utility_reward(["n7", "n8", "n1"], without, {"n2"}, k=3) == pytest.approx(-1.0)
+
+
 def test_utility_is_recall_at_k() -> None:
     ranked = ["n1", "n2", "n3", "n4"]
     assert utility_reward(ranked, {"n2", "n9"}) == pytest.approx(0.5)

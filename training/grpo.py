@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from evaluation.channels import dataset_trending
 from evaluation.dataset import Dataset, load_dataset
 from evaluation.evaluate import EvalConfig, WindowConfig, build_state, dataset_cutoff
 from streams.recommend import RecommendConfig, user_prompt
@@ -263,7 +264,7 @@ def train_grpo(cfg: GRPORunConfig, *, resume: bool = False, progress: bool = Tru
     recommend = replace(RecommendConfig.from_settings(), max_new_tokens=cfg.max_completion_length)
 
     train = load_dataset(cfg.train_data)
-    scorer = RewardScorer(train.news, config=RewardConfig())
+    scorer = RewardScorer(train.news, config=RewardConfig(), trending=dataset_trending(train))
     rows = user_rows(train, scorer, users=cfg.train_users, recommend=recommend)
     log.info("%d training prompts from %s", len(rows), cfg.train_data)
 

@@ -297,6 +297,15 @@ def utility_reward(ranked: Sequence[str], targets: Collection[str], k: int = 10)
     return recall_at_k(ranked, targets, k)
 
 
+def marginal_utility_reward(with_model: Sequence[str], without_model: Sequence[str], targets: Collection[str],
+                            k: int = 10) -> float:
+    """What the model adds: recall@k of the held-out clicks in the hybrid WITH the model's
+    queries minus recall@k in the same hybrid WITHOUT them, in [-1, 1]. A model that only
+    repeats what the signals, dense and trending channels find earns 0; one that pushes
+    found clicks out of the top k is penalised."""
+    return utility_reward(with_model, targets, k) - utility_reward(without_model, targets, k)
+
+
 def composite_reward(scores: Mapping[str, float], weights: Mapping[str, float]) -> float:
     """Weighted mean of ``scores`` over the names with a positive weight."""
     used: dict[str, float] = {}

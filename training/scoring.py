@@ -1,5 +1,9 @@
 """The I/O shell around ``training.rewards``: retrieval and embeddings for scoring completions.
 
+``utility`` is the marginal gain of the model channel: recall of the held-out clicks in the
+serving hybrid (signals, dense, trending and the completion's queries, weighted RRF) minus
+recall in the same hybrid without the completion's queries.
+
 One :class:`RewardScorer` per news corpus holds an in-process tantivy index, the MiniLM
 embeddings of every article (computed once) and the corpus IDF. Scoring a batch of
 completions parses each into queries, runs ALL queries of the batch in one search call,
@@ -10,6 +14,7 @@ trainer calls one after another on the same completions, share one retrieval pas
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -19,10 +24,19 @@ from typing import Any
 
 import numpy as np
 
-from index.dense import MiniLMEmbedder, article_text
+from index.dense import DenseIndex, MiniLMEmbedder, article_text
 from index.embedded import EmbeddedEngine
+from index.fusion import FusedItem
 from streams.contracts import NewsArticle
-from streams.recommend import RecommendConfig, fuse_user, parse_completion, signal_queries, user_lists
+from streams.recommend import (
+    Recall,
+    RecommendConfig,
+    TrendingView,
+    channel_lists,
+    fuse_user,
+    parse_completion,
+    user_lists,
+)
 from streams.window import UserState
 from training.rewards import (
     FormatRules,
@@ -30,10 +44,10 @@ from training.rewards import (
     coverage_reward,
     diversity_reward,
     format_reward,
+    marginal_utility_reward,
     normalized_idf,
     query_terms,
     specificity_reward,
-    utility_reward,
 )
 
 log = logging.getLogger(__name__)
@@ -61,21 +75,31 @@ class UserContext:
     clusters: tuple[str, ...]  # the window's distinct interest clusters (coverage)
     clicked: tuple[str, ...] = ()  # excluded from the utility ranking, as the worker does
     targets: tuple[str, ...] = ()  # held-out future clicks (utility); empty at inference time
-    signal_queries: tuple[str, ...] = ()  # the worker's signals-channel queries for this user
+    # The other channels' ranked ids for this user (signals, dense, trending): the hybrid the
+    # model's queries are added to. They do not depend on the completion, so they are computed once.
+    base: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
-    def to_row(self) -> dict[str, list[str]]:
+    def to_row(self) -> dict[str, Any]:
         return {"signal_texts": list(self.signal_texts), "clusters": list(self.clusters),
-                "clicked": list(self.clicked), "targets": list(self.targets), "signal_queries": list(self.signal_queries)}
+                "clicked": list(self.clicked), "targets": list(self.targets),
+                # two flat columns: the TRL dataset (Arrow) wants one type per column
+                "base_channels": [c for c, _ in self.base], "base_ids": [list(ids) for _, ids in self.base]}
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> UserContext:
         return cls(tuple(row["signal_texts"]), tuple(row["clusters"]), tuple(row.get("clicked") or ()),
-                   tuple(row.get("targets") or ()), tuple(row.get("signal_queries") or ()))
+                   tuple(row.get("targets") or ()),
+                   tuple((c, tuple(ids)) for c, ids in zip(row.get("base_channels") or (), row.get("base_ids") or (),
+                                                           strict=True)))
+
+    def base_lists(self) -> dict[str, list[FusedItem]]:
+        return {c: [FusedItem(n, "", 0.0, "", (c,)) for n in ids] for c, ids in self.base}
 
 
 class RewardScorer:
     def __init__(self, news: Sequence[NewsArticle], *, config: RewardConfig | None = None,
-                 embedder: MiniLMEmbedder | None = None, cache_size: int = 4096) -> None:
+                 embedder: MiniLMEmbedder | None = None, trending: TrendingView | None = None,
+                 cache_size: int = 4096) -> None:
         if not news:
             raise ValueError("the reward scorer needs a non-empty news corpus")
         self.config = config or RewardConfig()
@@ -87,6 +111,9 @@ class RewardScorer:
         self.cluster_of = {nid: a.subcategory or a.category for nid, a in by_id.items()}
         self._row = {nid: i for i, nid in enumerate(by_id)}
         self._article_vecs = self.embedder.encode([article_text(a) for a in by_id.values()])
+        self.dense = DenseIndex(self.embedder)  # the serving dense channel (article vectors come from the cache)
+        self.dense.upsert_sync(list(by_id.values()))
+        self.trending = trending
         doc_freq = Counter(t for a in by_id.values() for t in set(query_terms(article_text(a))))
         self.idf = normalized_idf(doc_freq, len(by_id))
         self._memo: OrderedDict[tuple[str, UserContext], dict[str, float]] = OrderedDict()
@@ -115,7 +142,17 @@ class RewardScorer:
             elif best := next(hits):
                 clusters.append(self.cluster_of[best[0].news_id])
         return UserContext(tuple(texts), tuple(dict.fromkeys(clusters)), tuple(state.clicked), tuple(targets),
-                           tuple(signal_queries(state, self.config.recommend.signal_queries)))
+                           self._base(state))
+
+    def _base(self, state: UserState) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The user's non-model channel lists, through the serving ``channel_lists``."""
+        rc = self.config.recommend
+        others = [c for c in rc.weights if c != "model"]
+        if not others:
+            return ()
+        recall = Recall(self.engine, self.dense, self.trending)
+        lists = asyncio.run(channel_lists(recall, [state], [[]], rc.only(*others), k=rc.channel_depth))[0]
+        return tuple((c, tuple(i.news_id for i in items)) for c, items in lists.items() if c != "model")
 
     # -- scoring ---------------------------------------------------------------------------
     def score(self, completions: Sequence[str], contexts: Sequence[UserContext]) -> list[dict[str, float]]:
@@ -136,29 +173,27 @@ class RewardScorer:
     def _score_uncached(self, completions: Sequence[str], contexts: Sequence[UserContext]) -> list[dict[str, float]]:
         cfg, rc = self.config, self.config.recommend
         queries = [parse_completion(c, rc) for c in completions]
-        groups = queries + [list(ctx.signal_queries) for ctx in contexts]
-        flat = [q for qs in groups for q in qs]
+        flat = [q for qs in queries for q in qs]
         results = self.engine.search_many_sync(flat, k=rc.results_per_query) if flat else []
-        per_group, offset = [], 0
-        for qs in groups:
-            per_group.append(results[offset: offset + len(qs)])
-            offset += len(qs)
-        distinct = list(dict.fromkeys(q for qs in queries for q in qs))
+        distinct = list(dict.fromkeys(flat))
         vec_of = dict(zip(distinct, self.embedder.encode(distinct), strict=True)) if distinct else {}
-        out = []
-        for n, (completion, qs, ctx) in enumerate(zip(completions, queries, contexts, strict=True)):
-            hits = per_group[n]
+        out, offset = [], 0
+        for completion, qs, ctx in zip(completions, queries, contexts, strict=True):
+            hits = results[offset: offset + len(qs)]
+            offset += len(qs)
             qvecs = np.stack([vec_of[q] for q in qs]) if qs else np.zeros((0, self.embedder.dim), np.float32)
             rvecs = [self._article_vecs[[self._row[h.news_id] for h in hs]] for hs in hits]
-            lists = user_lists(qs, hits, ctx.signal_queries, per_group[len(completions) + n], rc.channel_depth)
-            fused = fuse_user(lists, rc, ctx.clicked)
+            base = ctx.base_lists()
+            model = user_lists(qs, hits, [], [], rc.channel_depth)["model"]
+            with_model = fuse_user(base | {"model": model}, rc, ctx.clicked)
+            without = fuse_user(base, rc, ctx.clicked)
             out.append({
                 "align": align_reward(qvecs, rvecs),
                 "coverage": coverage_reward([{self.cluster_of[h.news_id] for h in hs} for hs in hits], ctx.clusters),
                 "specificity": specificity_reward(qs, self.idf, saturation=cfg.specificity_saturation),
                 "diversity": diversity_reward(qvecs),
                 "format": format_reward(completion, ctx.signal_texts, cfg.format),
-                "utility": (utility_reward([i.news_id for i in fused], ctx.targets, rc.items_per_user)
-                            if ctx.targets else 0.0),
+                "utility": (marginal_utility_reward([i.news_id for i in with_model], [i.news_id for i in without],
+                                                    ctx.targets, rc.items_per_user) if ctx.targets else 0.0),
             })
         return out

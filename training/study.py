@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
+from evaluation.channels import dataset_trending
 from evaluation.dataset import Dataset
 from evaluation.evaluate import EvalConfig, WindowConfig, build_state, dataset_cutoff, run_evaluation
 from models.prompt import parse_queries
@@ -76,7 +77,7 @@ def sampling_study(dataset: Dataset, model_dir: Path, ns: Sequence[int], *, user
     now = dataset_cutoff(dataset)
     states = [build_state(dataset.events.get(u, ()), window) for u in chosen_users]
     prompts = [user_prompt(s, rc, now) for s in states]
-    scorer = RewardScorer(dataset.news)
+    scorer = RewardScorer(dataset.news, trending=dataset_trending(dataset))
     contexts = [scorer.context(s, prompt_signals=rc.prompt_signals) for s in states]
     lm = OnnxCausalLM(model_dir)
     top = max(ns)
