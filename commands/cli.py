@@ -70,8 +70,13 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
     try:
         total = asyncio.run(main())
-    except elastic_transport.ConnectionError:
-        raise CommandError(f"no search server at {settings.es_url}: start one with `newsrec infra up --search` "
+    except elastic_transport.TlsError as exc:
+        raise CommandError(f"TLS with the search server at {settings.es_url} failed ({exc.message}): check "
+                           "NEWSREC_ES_CA_CERTS (the CA that signed the server's certificate) and that the "
+                           "certificate has not expired", EXIT_SERVICE) from None
+    except elastic_transport.ConnectionError as exc:
+        raise CommandError(f"no search server at {settings.es_url} ({exc.message}): start one with "
+                           "`newsrec infra up --search` "
                            "or set NEWSREC_ES_URL", EXIT_SERVICE) from None
     log.info("indexer stopped after %d articles", total)
     return 0

@@ -20,7 +20,7 @@ from evaluation.simulate import SimulationError
 from index.corpus import CorpusError
 from models.export import ExportValidationError
 from models.manifest import ModelIntegrityError
-from streams.kafka_log import BrokerUnavailable
+from streams.kafka_log import BrokerRefused, BrokerUnavailable
 from streams.producer import ProduceError
 from streams.rollout import RolloutError
 from streams.settings import ConfigError
@@ -71,6 +71,7 @@ _EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (NotADirectoryError, EXIT_INPUT),
     (PermissionError, EXIT_INPUT),
     (BrokerUnavailable, EXIT_SERVICE),
+    (BrokerRefused, EXIT_SERVICE),
     (ProduceError, EXIT_SERVICE),
     (InfraError, EXIT_SERVICE),
 )
@@ -86,6 +87,19 @@ def exit_code_for(exc: BaseException) -> int | None:
     return None
 
 
+class _NoLibraryTracebacks(logging.Filter):
+    """Keeps a library's retry warning to its one line (elastic_transport logs each retry with
+    a traceback); tracebacks show with --verbose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.levelno < logging.ERROR and not record.name.startswith(OWN_LOGGERS):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+OWN_LOGGERS = ("commands", "tools", "training", "evaluation", "streams", "models", "index", "newsrec")
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Logging for one entry point (called once, by :func:`run`); quiet libraries unless verbose."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -93,6 +107,8 @@ def setup_logging(verbose: bool = False) -> None:
     if verbose:
         warnings.simplefilter("default")
         return
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_NoLibraryTracebacks())
     for name, value in QUIET_ENV.items():
         os.environ.setdefault(name, value)
     warnings.simplefilter("ignore")

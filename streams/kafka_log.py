@@ -27,6 +27,15 @@ class BrokerUnavailable(ConnectionError):
         self.bootstrap = bootstrap
 
 
+class BrokerRefused(ConnectionError):
+    """A broker answers the TCP connect but the client cannot talk to it (TLS, SASL)."""
+
+    def __init__(self, bootstrap: str, detail: str) -> None:
+        super().__init__(f"the broker at {bootstrap} refused this client ({detail}): check "
+                         "NEWSREC_KAFKA_SECURITY_PROTOCOL, NEWSREC_KAFKA_SSL_CA_LOCATION and the SASL settings; "
+                         "the librdkafka lines above say why (certificate, handshake, authentication)")
+
+
 class RateLimitFilter(logging.Filter):
     """Lets ``burst`` records through per ``period_s``; the first one after a quiet spell
     says how many were suppressed."""

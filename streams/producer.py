@@ -18,7 +18,7 @@ from confluent_kafka import KafkaException, Producer
 from index.corpus import CorpusError, ReadStats, read_rows
 from index.corpus import _parse_row as parse_mind_row
 from streams.contracts import DeadLetter, NewsArticle, UserEvent, dead_letter, parse_event
-from streams.kafka_log import require_broker, with_logger
+from streams.kafka_log import BrokerRefused, require_broker, with_logger
 from streams.settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -179,9 +179,9 @@ def ensure_topics(settings: CommonSettings, extra: Iterable[str] = ()) -> None:
     }
     try:
         existing = set(admin.list_topics(timeout=10).topics)
-    except KafkaException:
+    except KafkaException as exc:
         admin.poll(0)  # deliver librdkafka's queued log lines (why it failed: TLS, SASL) before raising
-        raise
+        raise BrokerRefused(settings.kafka_bootstrap, exc.args[0].str() if exc.args else str(exc)) from None
     new = [NewTopic(t, num_partitions=settings.topic_partitions, replication_factor=-1, config=cfg)
            for t, cfg in wanted.items() if t not in existing]
     if settings.topic_model_updates not in existing:

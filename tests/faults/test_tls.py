@@ -243,8 +243,10 @@ def test_a_server_that_fails_verification_is_refused(stand: TlsStand, client: st
                                                      tmp_path: Path) -> None:
     before = stand.logs().count(FRONT_ERROR[client, wrong])
     result = run_client(client, tls_env(stand, unique_name) | REFUSED[client, wrong](stand), tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == 5, result.stdout[-3000:]  # a service the client cannot use: one message, no traceback
     assert CLIENT_ERROR[client, wrong] in result.stdout, result.stdout[-3000:]
+    assert "Traceback" not in result.stdout
+    assert ("refused this client" if client == "kafka" else "TLS with the search server") in result.stdout
     assert "sent " not in result.stdout and "stopped after" not in result.stdout  # nothing got through
     wait_until(lambda: stand.logs().count(FRONT_ERROR[client, wrong]) > before, WAIT_S, f"stunnel to log {wrong!r}")
     assert_no_secret(stand, result.stdout)
