@@ -68,7 +68,8 @@ def impression_metrics(order: Sequence[FusedItem], clicked: set[str]) -> dict[st
 def trending_views(impressions: Sequence[Impression], events: Iterable[Sequence[UserEvent]],
                    titles: Mapping[str, str]) -> Iterator[tuple[Impression, TrendingView]]:
     """Each impression (in time order) with the trending view as it stood strictly before its
-    ``ts``: earlier ``news_click``/``impression`` events and earlier impressions only."""
+    ``ts``: earlier ``news_click``/``impression`` events and earlier impressions only. The view
+    reads the live counter: use it before advancing the iterator."""
     stream = sorted((e for evs in events for e in evs if e.domain in ("news_click", "impression") and e.news_id),
                     key=lambda e: e.ts)
     counter, pending, e_next = TrendingCounter(), 0, 0

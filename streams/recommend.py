@@ -31,7 +31,7 @@ from index.dense import DenseIndex
 from index.fusion import FusedItem, fuse_channels, rrf_fuse
 from models.prompt import build_prompt, parse_queries, sanitize_text
 from streams.settings import CHANNELS, WorkerSettings, load
-from streams.trending import Popularity, TrendingCounter, prior_ctr, trending_scores
+from streams.trending import Popularity, TrendingCounter, TrendingScores
 from streams.window import UserState
 
 # Longer model items are cut (at a word boundary) to this many characters.
@@ -133,15 +133,16 @@ class TrendingView:
 
     @classmethod
     def at(cls, counter: TrendingCounter, now: datetime, titles: Mapping[str, str] | None = None) -> TrendingView:
-        popularity = counter.popularity(now)
-        return cls(trending_scores(popularity), titles or {}, popularity, now.timestamp(),
-                   prior_ctr(popularity) or 0.0)
+        """The counter's view at ``now``; it reads the counter live (no copy), so take it, use it
+        and drop it before the counter changes (per batch, per impression)."""
+        popularity, prior = counter.popularity(now), counter.prior(now)
+        return cls(TrendingScores(popularity, prior), titles or {}, popularity, now.timestamp(), prior or 0.0)
 
     def among(self, candidates: Sequence[str]) -> TrendingView:
         """The view over a candidate set: an unseen candidate scores the prior, so it ranks above
         articles shown often and rarely clicked, and below those clicked more than usual."""
-        return TrendingView({n: self.scores.get(n, self.unseen) for n in candidates}, self.titles,
-                            self.popularity, self.now, self.unseen)
+        return TrendingView({n: self.scores[n] if n in self.scores else self.unseen for n in candidates},
+                            self.titles, self.popularity, self.now, self.unseen)
 
     def top(self, k: int, exclude: Collection[str] = ()) -> list[FusedItem]:
         ranked = sorted((n for n in self.scores if n not in exclude), key=lambda n: (-self.scores[n], n))[:k]
@@ -178,19 +179,28 @@ def fuse_user(lists: Mapping[str, Sequence[FusedItem]], cfg: RecommendConfig,
 
 def dense_profiles(dense: DenseIndex, states: Sequence[UserState], n: int) -> tuple[np.ndarray, list[list[str]],
                                                                                      list[np.ndarray]]:
-    """Each user's profile (unit mean of the embeddings of the ``n`` most recent signal
-    texts; zeros without signals), the texts, and their embeddings (to name the signal
-    closest to an item)."""
-    texts = [signal_queries(s, n) for s in states]
-    flat = [t for ts in texts for t in ts]
-    vecs = dense.embedder.encode(flat) if flat else np.zeros((0, dense.embedder.dim), np.float32)
-    profiles = np.zeros((len(states), dense.embedder.dim), np.float32)
-    per_user, offset = [], 0
-    for u, ts in enumerate(texts):
-        v = vecs[offset: offset + len(ts)]
-        offset += len(ts)
+    """Each user's profile (unit mean of the embeddings of the ``n`` most recent signals;
+    zeros without signals), the signal texts, and their embeddings (to name the signal
+    closest to an item). A signal about an indexed article (a click, a show) uses that
+    article's stored vector; only other texts are embedded, all users' in one call."""
+    per_signal: list[list[tuple[str, str | None]]] = []
+    for state in states:
+        rows = [(sanitize_text(s.text), s.news_id if s.news_id and dense.has(s.news_id) else None)
+                for s in state.signals[:n]]
+        per_signal.append([(t, nid) for t, nid in rows if t])
+    to_embed = list(dict.fromkeys(t for rows in per_signal for t, nid in rows if nid is None))
+    encoded = dict(zip(to_embed, dense.embedder.encode(to_embed), strict=True)) if to_embed else {}
+    dim = dense.embedder.dim
+    profiles = np.zeros((len(states), dim), np.float32)
+    texts, per_user = [], []
+    for u, rows in enumerate(per_signal):
+        stored = dense.vectors_of([nid for _, nid in rows if nid is not None])
+        it = iter(stored)
+        v = np.stack([next(it) if nid is not None else encoded[t] for t, nid in rows]) if rows \
+            else np.zeros((0, dim), np.float32)
+        texts.append([t for t, _ in rows])
         per_user.append(v)
-        if len(ts):
+        if len(rows):
             mean = v.mean(axis=0)
             profiles[u] = mean / max(float(np.linalg.norm(mean)), 1e-9)
     return profiles, texts, per_user

@@ -9,7 +9,7 @@ only reports clicks), clicks alone rank.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -37,23 +37,58 @@ def prior_ctr(counts: Mapping[str, Popularity]) -> float | None:
     return min(1.0, sum(p.clicks for p in counts.values()) / shows) if shows else None
 
 
+class TrendingScores(Mapping[str, float]):
+    """Score per news id, computed on access from the counts: the smoothed CTR, or the click
+    count when nothing was ever shown (``prior`` None). Lazy, so ranking a few candidates
+    does not score every article in the window."""
+
+    def __init__(self, counts: Mapping[str, Popularity], prior: float | None,
+                 strength: float = PRIOR_STRENGTH) -> None:
+        self.counts, self.prior, self.strength = counts, prior, strength
+
+    def __getitem__(self, news_id: str) -> float:
+        p = self.counts[news_id]
+        return float(p.clicks) if self.prior is None else smoothed_ctr(p.clicks, p.shows, self.prior, self.strength)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.counts)
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+
 def trending_scores(counts: Mapping[str, Popularity], strength: float = PRIOR_STRENGTH) -> dict[str, float]:
     """Score per news id: smoothed CTR, or the click count when nothing was ever shown."""
-    prior = prior_ctr(counts)
-    if prior is None:
-        return {nid: float(p.clicks) for nid, p in counts.items()}
-    return {nid: smoothed_ctr(p.clicks, p.shows, prior, strength) for nid, p in counts.items()}
+    return dict(TrendingScores(counts, prior_ctr(counts), strength))
 
 
 def bucket_of(ts: datetime, bucket_s: float = BUCKET_S) -> int:
     return int(ts.timestamp() // bucket_s)
 
 
-class TrendingCounter:
-    """Clicks and shows per article in time buckets; ``popularity(now)`` sums the buckets
-    inside the horizon up to ``now``'s (everything added so far in the current one).
+class _Counts(Mapping[str, Popularity]):
+    """A read-only view of the counter's running totals."""
 
-    Offline it is fed strictly in time order, querying before adding, so an impression
+    def __init__(self, totals: dict[str, list[float]]) -> None:
+        self._totals = totals
+
+    def __getitem__(self, news_id: str) -> Popularity:
+        clicks, shows, first = self._totals[news_id]
+        return Popularity(int(clicks), int(shows), first)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._totals)
+
+    def __len__(self) -> int:
+        return len(self._totals)
+
+
+class TrendingCounter:
+    """Clicks and shows per article in time buckets over a sliding horizon, with running
+    totals, so reading the window costs nothing per article: ``popularity(now)`` drops the
+    buckets that slid out of the horizon and returns a live view of everything added since.
+
+    Offline it is fed strictly in time order, reading before adding, so an impression
     never sees its own clicks.
     """
 
@@ -61,29 +96,43 @@ class TrendingCounter:
         if bucket_s <= 0 or horizon_s < bucket_s:
             raise ValueError("bucket_s must be positive and horizon_s at least one bucket")
         self.bucket_s, self.horizon_s = bucket_s, horizon_s
-        # bucket -> news_id -> [clicks, shows, first ts]
+        # bucket -> news_id -> [clicks, shows, first ts]; totals: news_id -> the same, summed
         self._buckets: dict[int, dict[str, list[float]]] = defaultdict(dict)
+        self._totals: dict[str, list[float]] = {}
+        self.clicks = self.shows = 0
 
     def add(self, ts: datetime, *, shown: Iterable[str] = (), clicked: Iterable[str] = ()) -> None:
         bucket = self._buckets[bucket_of(ts, self.bucket_s)]
         t = ts.timestamp()
         for nid, is_click in [*((n, False) for n in shown), *((n, True) for n in clicked)]:
-            row = bucket.setdefault(nid, [0, 0, t])
-            row[0 if is_click else 1] += 1
-            row[2] = min(row[2], t)
+            for rows in (bucket, self._totals):
+                row = rows.setdefault(nid, [0, 0, t])
+                row[0 if is_click else 1] += 1
+                row[2] = min(row[2], t)
+            if is_click:
+                self.clicks += 1
+            else:
+                self.shows += 1
 
-    def popularity(self, now: datetime) -> dict[str, Popularity]:
-        current = bucket_of(now, self.bucket_s)
-        oldest = current - int(self.horizon_s // self.bucket_s) + 1
-        for stale in [b for b in self._buckets if b < oldest]:
-            del self._buckets[stale]  # the window slid past it
-        acc: dict[str, list[float]] = {}
-        for b, rows in self._buckets.items():
-            if b > current:
-                continue
-            for nid, (clicks, shows, first) in rows.items():
-                row = acc.setdefault(nid, [0, 0, first])
-                row[0] += clicks
-                row[1] += shows
-                row[2] = min(row[2], first)
-        return {nid: Popularity(int(c), int(s), f) for nid, (c, s, f) in acc.items()}
+    def _slide(self, now: datetime) -> None:
+        oldest = bucket_of(now, self.bucket_s) - int(self.horizon_s // self.bucket_s) + 1
+        for b in sorted(b for b in self._buckets if b < oldest):
+            for nid, (clicks, shows, first) in self._buckets.pop(b).items():
+                row = self._totals[nid]
+                row[0] -= clicks
+                row[1] -= shows
+                self.clicks -= int(clicks)
+                self.shows -= int(shows)
+                if row[0] <= 0 and row[1] <= 0:
+                    del self._totals[nid]
+                elif row[2] == first:  # its first sighting slid out: the next one is the first now
+                    row[2] = min(r[nid][2] for r in self._buckets.values() if nid in r)
+
+    def popularity(self, now: datetime) -> Mapping[str, Popularity]:
+        self._slide(now)
+        return _Counts(self._totals)
+
+    def prior(self, now: datetime) -> float | None:
+        """The window's click-through rate (None when nothing was shown)."""
+        self._slide(now)
+        return min(1.0, self.clicks / self.shows) if self.shows else None

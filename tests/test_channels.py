@@ -65,14 +65,18 @@ def test_smoothed_ctr_prefers_evidence_over_small_samples() -> None:
     assert trending_scores({"a": Popularity(3, 0, 0), "b": Popularity(5, 0, 0)}) == {"a": 3.0, "b": 5.0}
 
 
-def test_trending_window_slides_and_never_sees_the_future() -> None:
-    counter = TrendingCounter()
+def test_trending_window_slides_out_old_buckets() -> None:
+    counter = TrendingCounter()  # fed in time order, read before each later add
     counter.add(T0, shown=["a", "b"], clicked=["a"])
-    counter.add(T0 + timedelta(hours=2), shown=["b"], clicked=["b"])
-    assert counter.popularity(T0 + timedelta(minutes=30)) == {"a": Popularity(1, 1, T0.timestamp()),
-                                                                 "b": Popularity(0, 1, T0.timestamp())}
+    assert dict(counter.popularity(T0 + timedelta(minutes=30))) == {"a": Popularity(1, 1, T0.timestamp()),
+                                                                     "b": Popularity(0, 1, T0.timestamp())}
+    assert counter.prior(T0 + timedelta(minutes=30)) == pytest.approx(0.5)
+    t2 = T0 + timedelta(hours=2)
+    counter.add(t2, shown=["b"], clicked=["b"])
     later = counter.popularity(T0 + timedelta(hours=25))  # the first hour slid out of the 24 h horizon
-    assert set(later) == {"b"} and later["b"].clicks == 1 and later["b"].shows == 1
+    assert dict(later) == {"b": Popularity(1, 1, t2.timestamp())}  # b's first sighting moved on
+    assert counter.clicks == 1 and counter.shows == 1
+    assert dict(counter.popularity(T0 + timedelta(hours=30))) == {}
 
 
 def _state(*texts: str) -> UserState:

@@ -31,9 +31,10 @@ def test_no_impression_sees_its_own_or_later_clicks() -> None:
     imps = [imp(1, "u1", T0, ["X", "Y"], ["X"]), imp(2, "u2", T0, ["X", "Z"], ["Z"]),
             imp(3, "u3", T0 + timedelta(hours=1), ["X", "Y", "Z"], ["Y"])]
     events = [[click("u9", "Y", T0 + timedelta(minutes=30)), click("u9", "Z", T0 + timedelta(hours=2))]]
-    views = {i.impression_id: v for i, v in trending_views(imps, events, {})}
-    assert views["1"].popularity == {} and views["2"].popularity == {}  # same ts: neither sees the other
-    later = views["3"].popularity
+    # a view is live (valid until the next impression is added): copy it at its turn
+    seen = {i.impression_id: dict(v.popularity) for i, v in trending_views(imps, events, {})}
+    assert seen["1"] == {} and seen["2"] == {}  # same ts: neither sees the other
+    later = seen["3"]
     assert later["X"].clicks == 1 and later["X"].shows == 2  # impressions 1 and 2, clicks and shows
     assert later["Y"].clicks == 1 and later["Y"].shows == 1  # the 08:30 click event and impression 1's show
     assert later["Z"].clicks == 1  # impression 2's click; the 10:00 event is in the future
