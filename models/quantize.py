@@ -49,6 +49,8 @@ activations on the CPU's integer dot-product kernels); the embedding ``Gather`` 
 ``GatherBlockQuantized`` and the folded lm_head MatMul is quantised like the others, each
 switchable in ``Int4Settings``. Activations are not quantised, so ``down_proj`` needs no
 exclusion. The published copy passes the same gate as int8 (``validate_quantized``).
+On SmolLM2-135M: 0.80 agreement, 20% of the fp32 size; with the embedding and lm_head left
+in fp32 0.76 and 55%; blocks of 128 0.88 but mean |logit diff| 4.3 vs 3.1 (25 positions).
 """
 
 from __future__ import annotations
