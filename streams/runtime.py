@@ -202,8 +202,9 @@ def load_model(settings: WorkerSettings) -> Any:
 def open_model(settings: WorkerSettings, model_dir: Path, *, verify: bool = True) -> Any:
     from models.runtime import OnnxCausalLM
 
+    # max_queries: a row stops once its list holds the queries the worker keeps (same parse).
     return OnnxCausalLM(model_dir, verify=verify, intra_op_threads=settings.model_threads or None,
-                        memory_arena=settings.model_memory_arena)
+                        memory_arena=settings.model_memory_arena, max_queries=settings.max_queries)
 
 
 def rollout_loader(settings: WorkerSettings) -> Loader:

@@ -32,9 +32,11 @@ def smoothed_ctr(clicks: float, shows: float, prior: float, strength: float = PR
 
 
 def prior_ctr(counts: Mapping[str, Popularity]) -> float | None:
-    """The population's click-through rate; None when nothing was shown (clicks-only feeds)."""
+    """The click-through rate of shown articles; None when nothing was shown (clicks-only
+    feeds). Clicks beyond an article's shows (clicks that arrived without an exposure, e.g.
+    history clicks) do not inflate it."""
     shows = sum(p.shows for p in counts.values())
-    return min(1.0, sum(p.clicks for p in counts.values()) / shows) if shows else None
+    return sum(min(p.clicks, p.shows) for p in counts.values()) / shows if shows else None
 
 
 class TrendingScores(Mapping[str, float]):
@@ -99,30 +101,33 @@ class TrendingCounter:
         # bucket -> news_id -> [clicks, shows, first ts]; totals: news_id -> the same, summed
         self._buckets: dict[int, dict[str, list[float]]] = defaultdict(dict)
         self._totals: dict[str, list[float]] = {}
-        self.clicks = self.shows = 0
+        self.shows = 0
+        self.shown_clicks = 0  # sum over articles of min(clicks, shows): clicks that had an exposure
 
     def add(self, ts: datetime, *, shown: Iterable[str] = (), clicked: Iterable[str] = ()) -> None:
         bucket = self._buckets[bucket_of(ts, self.bucket_s)]
         t = ts.timestamp()
         for nid, is_click in [*((n, False) for n in shown), *((n, True) for n in clicked)]:
+            total = self._totals.get(nid)
+            before = min(total[0], total[1]) if total else 0
             for rows in (bucket, self._totals):
                 row = rows.setdefault(nid, [0, 0, t])
                 row[0 if is_click else 1] += 1
                 row[2] = min(row[2], t)
-            if is_click:
-                self.clicks += 1
-            else:
-                self.shows += 1
+            total = self._totals[nid]
+            self.shown_clicks += min(total[0], total[1]) - before
+            self.shows += not is_click
 
     def _slide(self, now: datetime) -> None:
         oldest = bucket_of(now, self.bucket_s) - int(self.horizon_s // self.bucket_s) + 1
         for b in sorted(b for b in self._buckets if b < oldest):
             for nid, (clicks, shows, first) in self._buckets.pop(b).items():
                 row = self._totals[nid]
+                before = min(row[0], row[1])
                 row[0] -= clicks
                 row[1] -= shows
-                self.clicks -= int(clicks)
                 self.shows -= int(shows)
+                self.shown_clicks -= int(before - min(row[0], row[1]))
                 if row[0] <= 0 and row[1] <= 0:
                     del self._totals[nid]
                 elif row[2] == first:  # its first sighting slid out: the next one is the first now
@@ -135,4 +140,4 @@ class TrendingCounter:
     def prior(self, now: datetime) -> float | None:
         """The window's click-through rate (None when nothing was shown)."""
         self._slide(now)
-        return min(1.0, self.clicks / self.shows) if self.shows else None
+        return self.shown_clicks / self.shows if self.shows else None

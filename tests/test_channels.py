@@ -75,8 +75,10 @@ def test_trending_window_slides_out_old_buckets() -> None:
     counter.add(t2, shown=["b"], clicked=["b"])
     later = counter.popularity(T0 + timedelta(hours=25))  # the first hour slid out of the 24 h horizon
     assert dict(later) == {"b": Popularity(1, 1, t2.timestamp())}  # b's first sighting moved on
-    assert counter.clicks == 1 and counter.shows == 1
-    assert dict(counter.popularity(T0 + timedelta(hours=30))) == {}
+    assert counter.shown_clicks == 1 and counter.shows == 1
+    counter.add(T0 + timedelta(hours=25), clicked=["b", "b", "c"])  # clicks without exposures
+    assert counter.prior(T0 + timedelta(hours=25)) == 1.0  # b: min(3 clicks, 1 show); c was never shown
+    assert dict(counter.popularity(T0 + timedelta(hours=51))) == {}
 
 
 def _state(*texts: str) -> UserState:
