@@ -35,7 +35,7 @@ from index.base import SearchEngine
 from index.dense import DenseIndex
 from index.fusion import FusedItem
 from streams.contracts import UserEvent
-from streams.ranker import FEATURES, LearnedRanker, candidate_features
+from streams.ranker import FEATURES, UNSEEN_AGE_H, LearnedRanker, candidate_features
 from streams.recommend import Recall, RecommendConfig, TrendingView, channel_lists, order_candidates
 from streams.trending import TrendingCounter
 
@@ -94,6 +94,7 @@ async def evaluate_impressions(dataset: Dataset, engine: SearchEngine, dense: De
         raise ValueError(f"{dataset.path}: no impressions.jsonl to evaluate")
     cutoff = imps[-1].ts - timedelta(days=cfg.holdout_days)
     titles = {a.news_id: a.title for a in dataset.news}
+    categories = {a.news_id: (a.category, a.subcategory) for a in dataset.news}
     rc = cfg.recommend
     held = [i for i, imp in enumerate(imps) if imp.ts > cutoff]
     model_rows = set(held[: cfg.model_samples] if cfg.model_samples is not None else held) if method else set()
@@ -121,7 +122,9 @@ async def evaluate_impressions(dataset: Dataset, engine: SearchEngine, dense: De
         cands = list(dict.fromkeys(imp.candidates))
         lists = (await channel_lists(Recall(engine, dense, view), [states[i]], [queries.get(i, [])], rc,
                                      k=len(cands), candidates=[cands]))[0]
-        features.append(candidate_features(lists, cands, view.popularity, view.now))
+        history = [sig.news_id for sig in states[i].signals if sig.news_id]
+        features.append(candidate_features(lists, cands, view.popularity, view.now, categories=categories,
+                                           history=history))
         per_imp.append({"i": i, "held_out": imp.ts > cutoff, "model": i in model_rows, "lists": lists,
                         "cands": cands, "clicked": set(imp.clicked), "cold": len(states[i].signals) < 5})
 
@@ -177,8 +180,9 @@ def _learned_order(ranker: LearnedRanker, r: dict[str, Any], x: np.ndarray, drop
     x = x.copy()
     if drop is not None:
         cols = [j for j, f in enumerate(FEATURES) if f.startswith(f"{drop}_")]
-        if drop == "trending":
-            cols += [FEATURES.index("clicks_log"), FEATURES.index("shows_log"), FEATURES.index("age_h")]
+        if drop == "trending":  # its counts too: as if nothing had been seen
+            cols += [FEATURES.index("clicks_log"), FEATURES.index("shows_log")]
+            x[:, FEATURES.index("age_h")] = UNSEEN_AGE_H
         x[:, cols] = 0.0
     scores = ranker.score(x)
     return [FusedItem(r["cands"][j], "", float(scores[j]), "") for j in sorted(range(len(scores)),

@@ -38,12 +38,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import faust
 from faust.web import Request, Response, View
 
 from index.base import SearchEngine
+from models.manifest import ModelIntegrityError
 from streams.contracts import (
     DeadLetter,
     RecItem,
@@ -52,6 +54,7 @@ from streams.contracts import (
     parse_event,
 )
 from streams.metrics import Metrics
+from streams.ranker import LearnedRanker
 from streams.recommend import (
     QueryModel,
     Recall,
@@ -70,7 +73,7 @@ from streams.rollout import (
     update_consumer,
     version_of,
 )
-from streams.settings import WorkerSettings, redact
+from streams.settings import ConfigError, WorkerSettings, redact
 from streams.trending import HORIZON_S, TrendingCounter
 from streams.window import UserState, apply_event, complete_refresh
 
@@ -306,6 +309,7 @@ class Worker:
     news: Any = None  # the news feed: ``known`` (ids indexed so far), ``attach(loop)``
     model_health: ModelChannelHealth = field(default_factory=ModelChannelHealth)
     model_call: Any = None  # the last model call's future (still running after a timeout)
+    ranker: Any = None  # streams.ranker.LearnedRanker for POST /rank (NEWSREC_RANKER_DIR); None: RRF
 
     @property
     def config(self) -> RecommendConfig:
@@ -360,6 +364,17 @@ class _RawKeyTable(faust.Table):
         return "raw" if typ is str else super()._serializer_from_type(typ)
 
 
+def load_ranker(ranker_dir: Path) -> LearnedRanker:
+    """The learned fusion for POST /rank, verified; a bad dir stops the worker at start-up."""
+    try:
+        ranker = LearnedRanker.load(ranker_dir)
+    except (OSError, ValueError, ModelIntegrityError) as exc:
+        raise ConfigError(f"NEWSREC_RANKER_DIR={ranker_dir}: not a usable learned fusion ({exc}): make one with "
+                          "`newsrec eval --data DIR --save-ranker DIR` or unset it (RRF)") from None
+    log.info("POST /rank uses learned fusion %s from %s", ranker.version, ranker_dir)
+    return ranker
+
+
 def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEngine, loader: Loader, *,
                   dense: Any = None, news: Any = None) -> Worker:
     """``model`` serves until a rollout swaps in an announced one, loaded with ``loader``;
@@ -398,6 +413,8 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
                     dense=dense, news=news, model_health=ModelChannelHealth(secrets))
     if "trending" in worker.config.weights:
         worker.trending = TrendingFeed()
+    if settings.ranker_dir is not None:
+        worker.ranker = load_ranker(settings.ranker_dir)
     metrics, queue, active_model = worker.metrics, worker.queue, worker.active_model
 
     async def reject(msg: Any, reason: str) -> None:
@@ -577,7 +594,8 @@ async def rank_for_user(worker: Worker, user_id: str, candidates: list[str], k: 
     queries = [] if cold else list(latest.get("queries") or [])
     recall = worker.recall()
     await _warm_dense(worker, [state])
-    ordered = (await rank(recall, [state], [queries], [candidates], worker.config))[0][:k]
+    ordered = (await rank(recall, [state], [queries], [candidates], worker.config, ranker=worker.ranker,
+                          categories=getattr(worker.news, "categories", None)))[0][:k]
     return {"user_id": user_id, "cold": cold, "queries": queries, "model_version": latest.get("model_version"),
             "generated_at": datetime.now(UTC).isoformat(),
             "items": [{"news_id": i.news_id, "title": i.title, "score": i.score, "query": i.query,

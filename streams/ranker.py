@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,15 +27,20 @@ RANKER_FILE = "ranker.txt"
 FEATURES: tuple[str, ...] = (
     *(f"{c}_{kind}" for c in CHANNELS for kind in ("score", "rr")),
     "clicks_log", "shows_log", "age_h",
+    "category_share", "subcategory_share",  # of the user's signals about indexed articles
 )
 # An article never seen inside the trending horizon counts as this old (hours).
 UNSEEN_AGE_H = 48.0
 
 
 def candidate_features(lists: Mapping[str, Sequence[FusedItem]], candidates: Sequence[str],
-                       popularity: Mapping[str, Popularity], now: float) -> np.ndarray:
+                       popularity: Mapping[str, Popularity], now: float, *,
+                       categories: Mapping[str, tuple[str, str]] | None = None,
+                       history: Sequence[str] = ()) -> np.ndarray:
     """(len(candidates), len(FEATURES)) float32: each channel's score and reciprocal rank
-    (0 where it did not rank the candidate), log clicks and shows, hours since first seen. Pure."""
+    (0 where it did not rank the candidate), log clicks and shows, hours since first seen,
+    and the share of the user's ``history`` (news ids of their signals) in the candidate's
+    category and subcategory (``categories``: news_id -> (category, subcategory)). Pure."""
     col = {name: j for j, name in enumerate(FEATURES)}
     row = {n: i for i, n in enumerate(candidates)}
     x = np.zeros((len(candidates), len(FEATURES)), np.float32)
@@ -44,7 +50,15 @@ def candidate_features(lists: Mapping[str, Sequence[FusedItem]], candidates: Seq
             if i is not None and x[i, col[f"{channel}_rr"]] == 0:
                 x[i, col[f"{channel}_score"]] = item.score
                 x[i, col[f"{channel}_rr"]] = 1.0 / (rank + 1)
+    categories = categories or {}
+    seen = [categories[n] for n in history if n in categories]
+    cat_count = Counter(c for c, _ in seen)
+    sub_count = Counter(sub for _, sub in seen if sub)
     for n, i in row.items():
+        cat, sub = categories.get(n, ("", ""))
+        if seen:
+            x[i, col["category_share"]] = cat_count[cat] / len(seen) if cat else 0.0
+            x[i, col["subcategory_share"]] = sub_count[sub] / len(seen) if sub else 0.0
         p = popularity.get(n)
         x[i, col["clicks_log"]] = math.log1p(p.clicks) if p else 0.0
         x[i, col["shows_log"]] = math.log1p(p.shows) if p else 0.0
@@ -75,10 +89,13 @@ class LearnedRanker:
         return np.asarray(self.booster.predict(x, num_threads=1), dtype=np.float64) if len(x) else np.zeros(0)
 
     def order(self, lists: Mapping[str, Sequence[FusedItem]], candidates: Sequence[str],
-              popularity: Mapping[str, Popularity], now: float) -> list[FusedItem]:
+              popularity: Mapping[str, Popularity], now: float, *,
+              categories: Mapping[str, tuple[str, str]] | None = None,
+              history: Sequence[str] = ()) -> list[FusedItem]:
         """``candidates`` best first by the ranker, each with the channels and query that found it."""
         candidates = list(dict.fromkeys(candidates))
-        scores = self.score(candidate_features(lists, candidates, popularity, now))
+        scores = self.score(candidate_features(lists, candidates, popularity, now, categories=categories,
+                                               history=history))
         found: dict[str, list[FusedItem]] = {}
         for channel, items in lists.items():
             for item in items:

@@ -30,6 +30,7 @@ from index.base import Hit, SearchEngine
 from index.dense import DenseIndex
 from index.fusion import FusedItem, fuse_channels, rrf_fuse
 from models.prompt import build_prompt, parse_queries, sanitize_text
+from streams.ranker import LearnedRanker
 from streams.settings import CHANNELS, WorkerSettings, load
 from streams.trending import Popularity, TrendingCounter, TrendingScores
 from streams.window import UserState
@@ -272,10 +273,17 @@ def order_candidates(lists: Mapping[str, Sequence[FusedItem]], candidates: Seque
 
 
 async def rank(recall: Recall, states: Sequence[UserState], queries: Sequence[Sequence[str]],
-               candidates: Sequence[Sequence[str]], cfg: RecommendConfig) -> list[list[FusedItem]]:
-    """Each user's candidate set, ordered by the same channels and fusion as the feed."""
+               candidates: Sequence[Sequence[str]], cfg: RecommendConfig, *, ranker: LearnedRanker | None = None,
+               categories: Mapping[str, tuple[str, str]] | None = None) -> list[list[FusedItem]]:
+    """Each user's candidate set, ordered by the same channels as the feed: fused by weighted
+    RRF, or by a learned ``ranker`` over the channels' scores (``categories``: news_id ->
+    (category, subcategory), for its profile features)."""
     if len(candidates) != len(states):
         raise ValueError(f"{len(candidates)} candidate sets for {len(states)} users")
     depth = max((len(c) for c in candidates), default=1) or 1
     lists = await channel_lists(recall, states, queries, cfg, k=depth, candidates=candidates)
-    return [order_candidates(lists[u], candidates[u], cfg) for u in range(len(states))]
+    if ranker is None:
+        return [order_candidates(lists[u], candidates[u], cfg) for u in range(len(states))]
+    view = recall.trending or TrendingView()
+    return [ranker.order(lists[u], candidates[u], view.popularity, view.now, categories=categories,
+                         history=[s.news_id for s in states[u].signals if s.news_id]) for u in range(len(states))]

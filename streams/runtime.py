@@ -41,11 +41,13 @@ class NewsFeed:
                  delete: Callable[[list[str]], None] | None = None) -> None:
         self._upsert, self._delete = upsert, delete
         self.known: set[str] = set()
+        self.categories: dict[str, tuple[str, str]] = {}  # the learned ranker's profile features
 
     def __call__(self, articles: list[NewsArticle]) -> int:
         if self._upsert is not None:
             self._upsert(articles)
         self.known.update(a.news_id for a in articles)
+        self.categories.update((a.news_id, (a.category, a.subcategory)) for a in articles)
         return len(articles)
 
     def delete(self, news_ids: list[str]) -> None:
@@ -53,6 +55,8 @@ class NewsFeed:
         if self._delete is not None:
             self._delete(news_ids)
         self.known.difference_update(news_ids)
+        for news_id in news_ids:
+            self.categories.pop(news_id, None)
 
 
 # Articles embedded per step: the dense index grows as it goes instead of all at once.

@@ -268,6 +268,9 @@ class WorkerSettings(CommonSettings):
     model_timeout_s: float = Field(default=30.0, gt=0, le=3_600)
     # POST /rank: the most candidates one request may rank.
     rank_max_candidates: int = Field(default=500, ge=1, le=10_000)
+    # POST /rank: a learned fusion dir (`newsrec eval --save-ranker`, verified at start-up);
+    # unset: weighted RRF of the channels.
+    ranker_dir: Path | None = None
 
     @field_validator("channel_weights")
     @classmethod

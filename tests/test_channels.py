@@ -138,3 +138,28 @@ def test_learned_ranker_round_trip_and_refuses_tampering(tmp_path: Path) -> None
     (tmp_path / "r" / "ranker.txt").write_text("tampered")
     with pytest.raises(ModelIntegrityError):
         LearnedRanker.load(tmp_path / "r")
+
+
+async def test_rank_with_a_learned_ranker_and_a_bad_ranker_dir(engine: EmbeddedEngine, news_articles,
+                                                               tmp_path: Path) -> None:
+    from streams.app import load_ranker
+    from streams.settings import ConfigError
+
+    rng = np.random.default_rng(1)
+    x = rng.random((300, len(FEATURES))).astype(np.float32)
+    col = FEATURES.index("category_share")
+    ranker = LearnedRanker.fit(x, (x[:, col] > 0.6).astype(int), [10] * 30, version="cat", rounds=30)
+    ranker.save(tmp_path / "r")
+    loaded = load_ranker(tmp_path / "r")
+    cands = [a.news_id for a in news_articles[:40]]
+    liked = news_articles[3]
+    state = UserState(signals=(Signal("e0", "news_click", liked.title, T0, liked.news_id),))
+    categories = {a.news_id: (a.category, a.subcategory) for a in news_articles}
+    ordered = (await rank(Recall(engine), [state], [[]], [cands], RecommendConfig(), ranker=loaded,
+                          categories=categories))[0]
+    assert sorted(i.news_id for i in ordered) == sorted(cands)
+    same = [n for n in cands if categories[n][0] == liked.category]
+    assert {i.news_id for i in ordered[: len(same)]} == set(same)  # the learned rule: the user's category first
+    (tmp_path / "r" / "ranker.txt").write_text("tampered")
+    with pytest.raises(ConfigError, match="NEWSREC_RANKER_DIR"):
+        load_ranker(tmp_path / "r")
