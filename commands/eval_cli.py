@@ -148,29 +148,16 @@ def _dense_index(dataset: Any, rc: Any) -> Any:
 
 def _eval_channels(args: argparse.Namespace, dataset: Any) -> int:
     from evaluation.channels import ChannelStudyConfig, channel_study, format_channels_markdown
-    from evaluation.evaluate import search_backend
     from streams.recommend import RecommendConfig
 
     method, rc = _model_channel(args, dataset), RecommendConfig.from_settings()
     cfg = ChannelStudyConfig(samples=args.samples, recommend=rc,
                              **({"batch_size": args.batch_size} if args.batch_size else {}))
-
-    async def run() -> dict[str, Any]:
-        dense = _dense_index(dataset, rc)
-        async with search_backend(args.engine if args.engine != "dense" else "embedded", dataset.news) as engine:
-            return await channel_study(dataset, engine, dense, cfg, method)
-
-    report = asyncio.run(run())
-    report["dataset"] = str(dataset.path)
-    out = args.out or RESULTS_DIR / f"eval-channels-{dataset.path.resolve().name}.json"
-    _write_json(out, report)
-    print(format_channels_markdown(report))
-    print(f"took {report['timings']['total_s']} s (model {report['timings']['model_s']} s); results written to {out}")
-    return 0
+    return _channel_report(args, dataset, lambda engine, dense: channel_study(dataset, engine, dense, cfg, method),
+                           format_channels_markdown, "eval-channels")
 
 
 def _eval_impressions(args: argparse.Namespace, dataset: Any) -> int:
-    from evaluation.evaluate import search_backend
     from evaluation.impressions import ImpressionConfig, evaluate_impressions, format_impressions_markdown
     from streams.recommend import RecommendConfig
 
@@ -183,17 +170,27 @@ def _eval_impressions(args: argparse.Namespace, dataset: Any) -> int:
                                **({"batch_size": args.batch_size} if args.batch_size else {}))
     except ValueError as exc:
         raise CommandError(str(exc)) from None
+    return _channel_report(args, dataset,
+                           lambda engine, dense: evaluate_impressions(dataset, engine, dense, cfg, method),
+                           format_impressions_markdown, "eval-impressions")
+
+
+def _channel_report(args: argparse.Namespace, dataset: Any, study: Any, fmt: Any, prefix: str) -> int:
+    """Index the dataset's news (lexical engine, and dense when its channel is on), run
+    ``study(engine, dense)``, print its table and write its JSON."""
+    from evaluation.evaluate import search_backend
+    from streams.recommend import RecommendConfig
 
     async def run() -> dict[str, Any]:
-        dense = _dense_index(dataset, rc)
+        dense = _dense_index(dataset, RecommendConfig.from_settings())
         async with search_backend(args.engine if args.engine != "dense" else "embedded", dataset.news) as engine:
-            return await evaluate_impressions(dataset, engine, dense, cfg, method)
+            return await study(engine, dense)
 
     report = asyncio.run(run())
     report["dataset"] = str(dataset.path)
-    out = args.out or RESULTS_DIR / f"eval-impressions-{dataset.path.resolve().name}.json"
+    out = args.out or RESULTS_DIR / f"{prefix}-{dataset.path.resolve().name}.json"
     _write_json(out, report)
-    print(format_impressions_markdown(report))
+    print(fmt(report))
     print(f"took {report['timings']['total_s']} s (model {report['timings']['model_s']} s); results written to {out}")
     return 0
 

@@ -59,15 +59,21 @@ def dataset_trending(dataset: Dataset) -> TrendingView | None:
 
 
 @dataclass(frozen=True)
-class ChannelStudyConfig:
-    samples: int | None = None  # the first N target users
-    k: int = 10
+class ChannelEvalConfig:
+    """What every channel evaluation shares: the serving limits, batching and the bootstrap."""
+
     batch_size: int = 16
     bootstrap: int = 1000
     seed: int = 0
     recommend: RecommendConfig = field(default_factory=RecommendConfig.from_settings)
     window: WindowConfig = field(default_factory=WindowConfig.from_settings)
     progress: bool = True
+
+
+@dataclass(frozen=True)
+class ChannelStudyConfig(ChannelEvalConfig):
+    samples: int | None = None  # the first N target users
+    k: int = 10
 
 
 async def channel_study(dataset: Dataset, engine: SearchEngine, dense: DenseIndex | None, cfg: ChannelStudyConfig,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,16 +27,16 @@ import numpy as np
 from tqdm import tqdm
 
 from evaluation.baselines import QueryMethod
-from evaluation.channels import variants
+from evaluation.channels import ChannelEvalConfig, variants
 from evaluation.dataset import Dataset, Impression
-from evaluation.evaluate import WindowConfig, build_state
+from evaluation.evaluate import build_state
 from evaluation.metrics import bootstrap_ci, impression_auc, impression_mrr, impression_ndcg
 from index.base import SearchEngine
 from index.dense import DenseIndex
 from index.fusion import FusedItem
 from streams.contracts import UserEvent
 from streams.ranker import FEATURES, UNSEEN_AGE_H, LearnedRanker, candidate_features
-from streams.recommend import Recall, RecommendConfig, TrendingView, channel_lists, order_candidates
+from streams.recommend import Recall, TrendingView, channel_lists, order_candidates
 from streams.trending import TrendingCounter
 
 log = logging.getLogger(__name__)
@@ -45,15 +45,9 @@ METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10")
 
 
 @dataclass(frozen=True)
-class ImpressionConfig:
+class ImpressionConfig(ChannelEvalConfig):
     holdout_days: float = 1.0
     model_samples: int | None = 300  # held-out impressions the model channel writes queries for
-    batch_size: int = 16
-    bootstrap: int = 1000
-    seed: int = 0
-    recommend: RecommendConfig = field(default_factory=RecommendConfig.from_settings)
-    window: WindowConfig = field(default_factory=WindowConfig.from_settings)
-    progress: bool = True
     save_ranker: Path | None = None  # write the fitted learned fusion here (a versioned artifact)
 
 

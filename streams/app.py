@@ -70,6 +70,7 @@ from streams.rollout import (
     ActiveModel,
     Loader,
     follow_model_updates,
+    topic_partitions,
     update_consumer,
     version_of,
 )
@@ -240,7 +241,7 @@ async def follow_trending(consumer: Any, topic: str, feed: TrendingFeed, *, hori
     """Forever: every partition of ``topic`` from ``horizon_s`` ago (by record timestamp; from
     the start where the broker cannot say) into ``feed``. Counting happens on the event loop,
     so the feed needs no lock; the consumer calls run in one thread."""
-    from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trending")
     loop = asyncio.get_running_loop()
@@ -249,16 +250,7 @@ async def follow_trending(consumer: Any, topic: str, feed: TrendingFeed, *, hori
         return await loop.run_in_executor(executor, fn, *args)
 
     try:
-        while True:
-            try:
-                meta = (await call(consumer.list_topics, topic, 10.0)).topics[topic]
-                if meta.error is not None:
-                    raise KafkaException(meta.error)
-                partitions = sorted(meta.partitions)
-                break
-            except (KafkaException, KeyError) as exc:
-                log.warning("trending: cannot read %s yet (%s); retrying in 2s", topic, exc)
-                await asyncio.sleep(2.0)
+        partitions = await topic_partitions(call, consumer, topic)
         start_ms = int((time.time() - horizon_s) * 1000)
         try:
             found = await call(consumer.offsets_for_times,

@@ -229,6 +229,20 @@ def update_consumer(settings: WorkerSettings) -> Consumer:
                     | {"enable.auto.commit": False, "enable.partition.eof": True})
 
 
+async def topic_partitions(call: Callable[..., Any], consumer: Any, topic: str) -> list[int]:
+    """The partitions of ``topic``, waiting (and saying so) until the broker knows it.
+    ``call`` runs a consumer method in the consumer's own thread."""
+    while True:
+        try:
+            meta = (await call(consumer.list_topics, topic, 10.0)).topics[topic]
+            if meta.error is not None:
+                raise KafkaException(meta.error)
+            return sorted(meta.partitions)
+        except (KafkaException, KeyError) as exc:
+            log.warning("cannot read %s yet (%s); retrying in %.0fs", topic, exc, SETUP_RETRY_S)
+            await asyncio.sleep(SETUP_RETRY_S)
+
+
 async def follow_model_updates(consumer: Any, topic: str, active: ActiveModel, loader: Loader, metrics: Metrics,
                                send_dead_letter: DeadLetterSink, *, poll_s: float = 0.5) -> None:
     """Forever: read ``topic`` from its start, apply the newest working announcement once
@@ -242,18 +256,9 @@ async def follow_model_updates(consumer: Any, topic: str, active: ActiveModel, l
         return await loop.run_in_executor(executor, fn, *args)
 
     try:
-        while True:
-            try:
-                meta = (await call(consumer.list_topics, topic, 10.0)).topics[topic]
-                if meta.error is not None:
-                    raise KafkaException(meta.error)
-                partitions = sorted(meta.partitions)
-                ends = {p: (await call(consumer.get_watermark_offsets, TopicPartition(topic, p), 10.0))[1]
-                        for p in partitions}
-                break
-            except (KafkaException, KeyError) as exc:
-                log.warning("cannot read %s yet (%s); retrying in %.0fs", topic, exc, SETUP_RETRY_S)
-                await asyncio.sleep(SETUP_RETRY_S)
+        partitions = await topic_partitions(call, consumer, topic)
+        ends = {p: (await call(consumer.get_watermark_offsets, TopicPartition(topic, p), 10.0))[1]
+                for p in partitions}
         await call(consumer.assign, [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         behind = set(partitions)  # partitions whose history (records from before the start) is unread
         history: list[ModelUpdate] = []
