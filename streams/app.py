@@ -43,6 +43,7 @@ from typing import Any
 
 import faust
 from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from index.base import SearchEngine
 from models.manifest import ModelIntegrityError
@@ -53,7 +54,13 @@ from streams.contracts import (
     dead_letter,
     parse_event,
 )
-from streams.metrics import Metrics
+from streams.metrics import (
+    Live,
+    Metrics,
+    channel_label,
+    dead_letter_reason,
+    prometheus_registry,
+)
 from streams.ranker import LearnedRanker
 from streams.recommend import (
     QueryModel,
@@ -302,6 +309,7 @@ class Worker:
     model_health: ModelChannelHealth = field(default_factory=ModelChannelHealth)
     model_call: Any = None  # the last model call's future (still running after a timeout)
     ranker: Any = None  # streams.ranker.LearnedRanker for POST /rank (NEWSREC_RANKER_DIR); None: RRF
+    registry: Any = None  # GET /metrics: prometheus_client registry reading ``metrics`` (create_worker)
 
     @property
     def config(self) -> RecommendConfig:
@@ -411,6 +419,7 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
 
     async def reject(msg: Any, reason: str) -> None:
         metrics.inc("events_dlq")
+        metrics.inc_label("dead_letters", dead_letter_reason(reason))
         letter = dead_letter(msg.value if isinstance(msg.value, bytes) else b"", reason, topic=msg.topic,
                              partition=msg.partition, offset=msg.offset)
         await dlq.send(key=msg.key, value=letter.to_json_bytes())
@@ -459,6 +468,7 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
         await run_refresher(worker)
 
     async def dead_letter_model_update(key: bytes | None, letter: DeadLetter) -> None:
+        metrics.inc_label("dead_letters", "model_update")
         await dlq.send(key=key, value=letter.to_json_bytes())
 
     @app.task
@@ -515,9 +525,47 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
     @app.page("/stats")
     async def stats(web: Any, request: Request) -> Response:
         snap = metrics.snapshot() | {"queued": len(queue), "in_flight": queue.in_flight} | active_model.status()
-        return web.json(snap | {"refresh": worker.health.snapshot(), "channels": channels_snapshot(worker)})
+        return web.json(snap | {"refresh": worker.health.snapshot(), "channels": channels_snapshot(worker),
+                                "consumer_lag": consumer_lag(app, settings.topic_events)})
+
+    worker.registry = prometheus_registry(metrics, lambda: live_metrics(worker))
+
+    @app.page("/metrics")
+    async def prometheus_metrics(web: Any, request: Request) -> Response:
+        # The same numbers as /stats, in the Prometheus text format (README "Metrics").
+        return web.bytes(generate_latest(worker.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     return worker
+
+
+def consumer_lag(app: faust.App, topic: str) -> int | None:
+    """Records of ``topic`` on this worker's assigned partitions not committed yet: the
+    high watermark its consumer last fetched minus the group's committed offset (in
+    process, no broker call); None before any of them was fetched."""
+    try:
+        consumer = app.consumer
+        committed = consumer._committed_offset  # faust keeps the group's committed offsets here
+        lag, known = 0, False
+        for tp in consumer.assignment():
+            if tp.topic != topic:
+                continue
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            known = True
+            lag += max(0, high - (committed.get(tp) or 0))
+        return lag if known else None
+    except Exception:  # noqa: BLE001 - not started or rebalancing: unknown, never a failed scrape
+        return None
+
+
+def live_metrics(worker: Worker) -> Live:
+    """What /metrics reads from the worker's live objects (the same ones /stats shows)."""
+    health = worker.model_health
+    return Live(queued=len(worker.queue), in_flight=worker.queue.in_flight, model_failures=health.failures,
+                model_timeouts=health.timeouts, degraded_batches=health.degraded_batches,
+                model_version=worker.active_model.status()["model_version"],
+                consumer_lag=consumer_lag(worker.app, worker.settings.topic_events))
 
 
 def channels_snapshot(worker: Worker) -> dict[str, Any]:
@@ -832,5 +880,8 @@ async def publish_batch(worker: Worker, generated: Generated) -> None:
         await worker.refresh_done.send(key=key, value=body, partition=r.partition)
         metrics.observe("refresh_latency_ms", rec.latency_ms)
         metrics.inc("recommendations_out")
+        for item in rec.items:
+            for channel in item.channels:
+                metrics.inc_label("recommended_items", channel_label(channel))
     worker.queue.finish(batch, time.monotonic())
     worker.wakeup.set()  # users queued while in flight are schedulable again
