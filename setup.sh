@@ -9,6 +9,11 @@ if ! { command -v stunnel && command -v openssl; } >/dev/null && [ "$(id -u)" = 
   export DEBIAN_FRONTEND=noninteractive
   apt-get install -y -q stunnel4 openssl || { apt-get update -q && apt-get install -y -q stunnel4 openssl; }
 fi
+# chromium: the headless browser of tests/test_explain_page.py (the worker's /explain page; root only).
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip

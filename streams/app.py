@@ -54,6 +54,7 @@ from streams.contracts import (
     dead_letter,
     parse_event,
 )
+from streams.explain import PAGE_HEADERS, explain_page
 from streams.metrics import (
     Live,
     Metrics,
@@ -508,6 +509,7 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
                      lambda user_id, rec: served_recommendation(rec, users.get(user_id)))
     _user_table_view(app, users, "/users/{user_id}", "window")
     _rank_view(app, worker)
+    _explain_view(app, worker)
 
     @app.page("/health")
     async def health(web: Any, request: Request) -> Response:
@@ -700,6 +702,27 @@ def _user_table_view(app: faust.App, table: Any, path: str, what: str,
             return self.json(present(user_id, value) if present else value)
 
     app.page(path, name=f"user-{what}")(UserTableView)
+
+
+def _explain_view(app: faust.App, worker: Worker) -> None:
+    """GET /explain/{user_id}: the HTML page of :mod:`streams.explain`, answered by the owner
+    of the user's partition (table routing, like GET /recommendations/{user_id}); the page's
+    headers (Content-Security-Policy: no scripts) are set on a forwarded answer too."""
+    users, latest = worker.users, worker.latest
+
+    class ExplainView(View):
+        @app.table_route(table=latest, match_info="user_id")
+        async def _render(self, request: Request, user_id: str) -> Response:
+            window, rec = users.get(user_id), latest.get(user_id)
+            page = explain_page(user_id, window, served_recommendation(rec, window))
+            return self.html(page, status=200 if window or rec else 404)
+
+        async def get(self, request: Request, user_id: str) -> Response:
+            response = await self._render(request, user_id)
+            response.headers.update(PAGE_HEADERS)
+            return response
+
+    app.page("/explain/{user_id}", name="user-explain")(ExplainView)
 
 
 async def run_refresher(worker: Worker) -> None:
