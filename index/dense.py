@@ -11,9 +11,11 @@ sentence-transformers, so only its directory is looked up, never imported.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +58,46 @@ def article_text(article: NewsArticle) -> str:
     return ". ".join(p.strip() for p in parts if p and p.strip())
 
 
+class EmbeddingStore:
+    """Vectors by text on disk (SQLite, shared by every process on a host): a restarted worker
+    or a second one does not embed the corpus again. Keys are sha256 of the model tag and the
+    text; safe for several processes (WAL, busy timeout)."""
+
+    def __init__(self, path: Path, tag: str, dim: int) -> None:
+        import sqlite3
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.tag, self.dim = path, tag, dim
+        self._db = sqlite3.connect(path, timeout=60, check_same_thread=False)
+        self._lock = threading.Lock()
+        with self._lock, self._db:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, vec BLOB NOT NULL)")
+
+    def _key(self, text: str) -> bytes:
+        return hashlib.sha256(f"{self.tag}\0{text}".encode()).digest()
+
+    def get_many(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        keys = {self._key(t): t for t in texts}
+        found: dict[str, np.ndarray] = {}
+        items = list(keys)
+        with self._lock:
+            for start in range(0, len(items), 500):  # SQLite's bound-parameter limit
+                chunk = items[start: start + 500]
+                rows = self._db.execute(f"SELECT key, vec FROM vectors WHERE key IN ({','.join('?' * len(chunk))})",
+                                        chunk).fetchall()
+                for key, vec in rows:
+                    vector = np.frombuffer(vec, dtype=np.float32)
+                    if vector.shape == (self.dim,):
+                        found[keys[key]] = vector
+        return found
+
+    def put_many(self, texts: Sequence[str], vectors: np.ndarray) -> None:
+        rows = [(self._key(t), np.asarray(v, np.float32).tobytes()) for t, v in zip(texts, vectors, strict=True)]
+        with self._lock, self._db:
+            self._db.executemany("INSERT OR REPLACE INTO vectors (key, vec) VALUES (?, ?)", rows)
+
+
 class MiniLMEmbedder:
     """Batched sentence embeddings (mean pooling, L2-normalised, float32), cached by text.
 
@@ -64,7 +106,7 @@ class MiniLMEmbedder:
     """
 
     def __init__(self, model_dir: Path | None = None, *, batch_size: int = 32, max_length: int = MAX_SEQ_LENGTH,
-                 threads: int | None = None, cache_size: int = 200_000) -> None:
+                 threads: int | None = None, cache_size: int = 200_000, store: Path | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory; never reach for the hub
         import torch  # heavy imports, keep them off module import
         from transformers import AutoModel, AutoTokenizer
@@ -84,21 +126,30 @@ class MiniLMEmbedder:
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
         self.encoded_texts = 0  # texts actually run through the model (cache misses)
+        # Shared on-disk vectors (optional): keyed by the model and the sequence length.
+        self.store = EmbeddingStore(store, f"{self.model_dir.name}:{max_length}", self.dim) if store else None
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Embeddings of ``texts`` as an (n, dim) float32 array of unit rows."""
+        """Embeddings of ``texts`` as an (n, dim) float32 array of unit rows: from the memory
+        cache, else the on-disk store, else the model (then stored)."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        fresh: dict[str, np.ndarray] = {}  # this call's, even if the LRU evicts them meanwhile
+        if missing and self.store is not None:
+            fresh = self.store.get_many(missing)
+            missing = [t for t in missing if t not in fresh]
         if missing:
-            for text, vector in zip(missing, self._encode_uncached(missing), strict=True):
-                self._cache[text] = vector
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            vectors = self._encode_uncached(missing)
+            if self.store is not None:
+                self.store.put_many(missing, vectors)
+            fresh.update(zip(missing, vectors, strict=True))
+        self._cache.update(fresh)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for i, text in enumerate(texts):
-            vector = self._cache.get(text)
-            if vector is None:  # evicted by this very call (more texts than the cache holds)
-                vector = self._encode_uncached([text])[0]
-            else:
+            vector = fresh.get(text)
+            if vector is None:
+                vector = self._cache[text]
                 self._cache.move_to_end(text)
             out[i] = vector
         return out

@@ -102,10 +102,10 @@ class LazyDense:
 EMBEDDING_CACHE = 8_192
 
 
-def _minilm_index() -> Any:
+def _minilm_index(store: Path | None = None) -> Any:
     from index.dense import DenseIndex, MiniLMEmbedder
 
-    return DenseIndex(MiniLMEmbedder(cache_size=EMBEDDING_CACHE))
+    return DenseIndex(MiniLMEmbedder(cache_size=EMBEDDING_CACHE, store=store))
 
 
 class DenseFeed:
@@ -176,7 +176,8 @@ def open_dense(settings: WorkerSettings) -> LazyDense | None:
     """The dense index when the dense channel is weighted above 0 (MiniLM loads lazily)."""
     if settings.channel_weights.get("dense", 0) <= 0:
         return None
-    return LazyDense()
+    store = settings.resolved_embedding_store()
+    return LazyDense(lambda: _minilm_index(store))
 
 
 class _Feeds:

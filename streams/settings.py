@@ -6,6 +6,7 @@ the variable and how to fix it (see :func:`load`).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -268,6 +269,9 @@ class WorkerSettings(CommonSettings):
     model_timeout_s: float = Field(default=30.0, gt=0, le=3_600)
     # POST /rank: the most candidates one request may rank.
     rank_max_candidates: int = Field(default=500, ge=1, le=10_000)
+    # Article vectors on disk, shared by every worker on the host (a restart does not embed the
+    # corpus again); default: $XDG_CACHE_HOME/newsrec/embeddings.sqlite (~/.cache/...).
+    embedding_store: Path | None = None
     # POST /rank: a learned fusion dir (`newsrec eval --save-ranker`, verified at start-up);
     # unset: weighted RRF of the channels.
     ranker_dir: Path | None = None
@@ -288,6 +292,10 @@ class WorkerSettings(CommonSettings):
 
     def resolved_model_dir(self) -> Path:
         return self.model_dir or self.state_dir / "models" / "current"
+
+    def resolved_embedding_store(self) -> Path:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return self.embedding_store or cache / "newsrec" / "embeddings.sqlite"
 
     def resolved_model_registry(self) -> Path:
         return self.model_registry or self.state_dir / "models" / "registry"

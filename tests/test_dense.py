@@ -101,3 +101,16 @@ def test_delete_removes_articles_from_searches(embedder) -> None:
     assert index.count_sync() == 2 and not index.has("D0") and index.has("D1")
     assert index.search_many_sync(["electric vehicles"], k=3)[0][0].news_id != "D0"
     assert sorted(h.news_id for h in index.search_many_sync(["football"], k=5)[0]) == ["D1", "D2"]
+
+
+def test_embedding_store_is_shared_across_embedders(tmp_path) -> None:
+    store = tmp_path / "vectors.sqlite"
+    first = MiniLMEmbedder(store=store, cache_size=2)
+    texts = ["electric cars sell well", "football cup final", "stock market falls"]
+    vectors = first.encode(texts)
+    assert first.encoded_texts == 3
+    second = MiniLMEmbedder(store=store, cache_size=2)  # another process, later: reads, never embeds
+    again = second.encode(texts + ["a new text"])
+    assert second.encoded_texts == 1 and np.allclose(again[:3], vectors)
+    assert np.allclose(second.encode(texts[:1]), vectors[:1])  # the small LRU evicted it: the store has it
+    assert second.encoded_texts == 1
