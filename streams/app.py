@@ -55,6 +55,7 @@ from streams.contracts import (
     parse_event,
 )
 from streams.explain import PAGE_HEADERS, explain_page
+from streams.kafka_log import with_logger
 from streams.metrics import (
     Live,
     Metrics,
@@ -241,7 +242,8 @@ def trending_consumer(settings: WorkerSettings) -> Any:
     from confluent_kafka import Consumer
 
     # Partitions are assigned by hand (no group membership, no commits): group.id is only required.
-    return Consumer(settings.consumer_config(f"{settings.app_id}-trending") | {"enable.auto.commit": False})
+    conf = with_logger(settings.consumer_config(f"{settings.app_id}-trending"))
+    return Consumer(conf | {"enable.auto.commit": False})
 
 
 async def follow_trending(consumer: Any, topic: str, feed: TrendingFeed, *, horizon_s: float = HORIZON_S,

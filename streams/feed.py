@@ -27,6 +27,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 
 from index.base import SearchEngine
 from streams.contracts import NewsArticle, dead_letter
+from streams.kafka_log import with_logger
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class DeadLetters:
     """Unusable news records to the dead-letter topic, with the reason (a confluent-kafka producer)."""
 
     def __init__(self, producer_config: dict[str, Any], topic: str) -> None:
-        self._producer = Producer(producer_config)
+        self._producer = Producer(with_logger(producer_config))
         self.topic = topic
         self.sent = 0
 
@@ -131,7 +132,7 @@ class IndexFollower:
         return self.caught_up.wait(timeout)
 
     def _run(self) -> None:
-        consumer = Consumer(self._conf)
+        consumer = Consumer(with_logger(self._conf))
         try:
             meta = consumer.list_topics(self._topic, timeout=10).topics[self._topic]
             partitions = sorted(meta.partitions)
@@ -172,7 +173,7 @@ async def run_indexer(consumer_config: dict[str, Any], topic: str, engine: Searc
     partitions are assigned). Returns the number of articles written. A batch's offsets are
     committed after its writes, deletions and dead letters succeeded: a failure or a crash
     before that replays the batch (writes are idempotent by news_id)."""
-    consumer = Consumer(consumer_config | {"enable.auto.commit": False})
+    consumer = Consumer(with_logger(consumer_config) | {"enable.auto.commit": False})
     assigned = threading.Event()
     consumer.subscribe([topic], on_assign=lambda _c, _parts: assigned.set())
     loop = asyncio.get_running_loop()

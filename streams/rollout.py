@@ -33,6 +33,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from models.manifest import MANIFEST_FILE, Manifest, ModelIntegrityError, sha256_file, verify_manifest
 from models.prompt import build_prompt
 from streams.contracts import MODEL_VERSION_PATTERN, DeadLetter, ModelUpdate, dead_letter, parse_model_update
+from streams.kafka_log import with_logger
 from streams.metrics import Metrics
 from streams.producer import ensure_topics
 from streams.recommend import QueryModel
@@ -112,7 +113,7 @@ def publish(settings: WorkerSettings, model_dir: Path, *, timeout: float = 30.0)
     update = ModelUpdate(version=manifest.version, model_dir=str(dest), published_at=datetime.now(UTC),
                          manifest_sha256=sha256_file(dest / MANIFEST_FILE))
     errors: list[str] = []
-    producer = Producer(settings.producer_config())
+    producer = Producer(with_logger(settings.producer_config()))
     producer.produce(settings.topic_model_updates, key=MODEL_UPDATE_KEY, value=update.to_json_bytes(),
                      on_delivery=lambda err, _msg: errors.append(str(err)) if err is not None else None)
     if producer.flush(timeout) or errors:
@@ -225,7 +226,7 @@ def startup_candidates(history: Sequence[ModelUpdate], local_version: str) -> li
 
 def update_consumer(settings: WorkerSettings) -> Consumer:
     # Partitions are assigned by hand (no group membership, no commits): group.id is only required.
-    return Consumer(settings.consumer_config(f"{settings.app_id}-models")
+    return Consumer(with_logger(settings.consumer_config(f"{settings.app_id}-models"))
                     | {"enable.auto.commit": False, "enable.partition.eof": True})
 
 
