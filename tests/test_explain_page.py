@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from streams.explain import CONTENT_SECURITY_POLICY, age_text, explain_page, found_by
-from tests.streaming import wait_until
+from tests.streaming import CORPUS, TEXTS, poll_json, wait_until
 
 EVIL = """<script>document.title='pwned'</script><img src=x onerror="document.title='pwned'">"""
 NOW = datetime(2026, 11, 1, 10, 0, tzinfo=UTC)
@@ -237,6 +237,45 @@ def test_explain_page_on_a_real_worker_in_chromium(stack, tmp_path: Path):
         urllib.request.urlopen(f"{url}/explain/u-nobody", timeout=30)
     assert info.value.code == 404 and info.value.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
     assert "No signals in the window" in info.value.read().decode("utf-8")
+
+
+def fetch_page(address: str) -> tuple[int, dict[str, str], str]:
+    try:
+        with urllib.request.urlopen(address, timeout=30) as resp:
+            return resp.status, dict(resp.headers), resp.read().decode("utf-8")
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read().decode("utf-8", "replace")
+
+
+@pytest.mark.integration
+def test_explain_page_on_either_worker_is_the_owners_with_the_same_headers(stack):
+    a, b = (stack.start_worker(wait=False) for _ in range(2))
+    for w in (a, b):
+        w.wait_ready(documents=len(CORPUS), timeout=120)
+    # 12 fixed users spread over every partition: each worker owns some and forwards the others.
+    users = {f"explain-{n}": f"{TEXTS[n % len(TEXTS)]} {n}" for n in range(12)}
+    for user, text in users.items():
+        stack.send(user, 0, text)
+    stack.flush()
+
+    def assigned(w) -> int:
+        answer = poll_json(f"{w.url}/health")
+        return int(answer.get("assigned_partitions", 0)) if isinstance(answer, dict) else 0
+
+    def every_page_on_both() -> bool:
+        if not (assigned(a) and assigned(b)):
+            return False
+        for user, text in users.items():
+            for w in (a, b):
+                status, headers, page = fetch_page(f"{w.url}/explain/{user}")
+                # A worker answering for a user it does not own, without forwarding, would show no signals.
+                if status != 200 or text not in page or "No recommendation published yet" in page:
+                    return False
+                assert headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY, (w.url, user, headers)
+                assert headers["Content-Type"] == "text/html; charset=utf-8", (w.url, user, headers)
+        return True
+
+    wait_until(every_page_on_both, 180, "/explain on both workers to show every user's window and feed")
 
 
 def get_page_json(address: str) -> dict | None:
