@@ -123,7 +123,9 @@ async def evaluate_impressions(dataset: Dataset, engine: SearchEngine, dense: De
                         "cands": cands, "clicked": set(imp.clicked), "cold": len(states[i].signals) < 5})
 
     channels = [c for c in rc.weights if c != "model" or method is not None]
-    test = [r for r in per_imp if r["held_out"]]
+    # With a model, every variant is scored on the held-out impressions it wrote queries for,
+    # so each row (and the paired model effect) compares like with like.
+    test = [r for r in per_imp if r["held_out"] and (method is None or r["model"])]
     results: dict[str, dict[str, Any]] = {}
     rng = np.random.default_rng(cfg.seed)
     per_variant: dict[str, list[dict[str, float | None]]] = {}
@@ -151,7 +153,7 @@ async def evaluate_impressions(dataset: Dataset, engine: SearchEngine, dense: De
         results[name] = _summary(rows, [r["cold"] for r in test])
     model_effect = None
     if method is not None and "hybrid - model" in per_variant:
-        idx = [j for j, r in enumerate(test) if r["model"]]
+        idx = range(len(test))
         a = [per_variant["hybrid"][j]["auc"] for j in idx]
         b = [per_variant["hybrid - model"][j]["auc"] for j in idx]
         pairs = [(x_, y_) for x_, y_ in zip(a, b, strict=True) if x_ is not None and y_ is not None]
