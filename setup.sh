@@ -4,16 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-# stunnel4 + openssl: the TLS terminator and certificates of tests/faults/test_tls.py (root only).
-if ! { command -v stunnel && command -v openssl; } >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+# Debian packages the tests need, installed when missing (root only): stunnel4 + openssl (the
+# TLS terminator and certificates of tests/faults/test_tls.py), chromium (the headless browser
+# of tests/test_explain_page.py).
+apt_need() {  # apt_need COMMAND PACKAGE...
+  command -v "$1" >/dev/null && return 0
+  { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; } || return 0
+  shift
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q stunnel4 openssl || { apt-get update -q && apt-get install -y -q stunnel4 openssl; }
-fi
-# chromium: the headless browser of tests/test_explain_page.py (the worker's /explain page; root only).
-if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }
-fi
+  apt-get install -y -q "$@" || { apt-get update -q && apt-get install -y -q "$@"; }
+}
+apt_need stunnel stunnel4
+apt_need openssl openssl
+apt_need chromium chromium
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
