@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import (
     AwareDatetime,
@@ -123,25 +123,10 @@ def load_dataset(path: Path) -> Dataset:
         except ValidationError as exc:
             raise DatasetError(f"{path / EVENTS_FILE}:{lineno}: {_first_error(exc)}") from None
         events[event.user_id].append(event)
-    targets: dict[str, Target] = {}
-    for lineno, line in _lines(path / TARGETS_FILE):
-        try:
-            target = Target.model_validate_json(line)
-        except ValidationError as exc:
-            raise DatasetError(f"{path / TARGETS_FILE}:{lineno}: {_first_error(exc)}") from None
-        if target.user_id in targets:
-            raise DatasetError(f"{path / TARGETS_FILE}:{lineno}: user {target.user_id!r} appears twice")
-        targets[target.user_id] = target
+    targets = _read_unique(path / TARGETS_FILE, Target, "user_id", "user")
     impressions: dict[str, Impression] = {}
     if (path / IMPRESSIONS_FILE).is_file():
-        for lineno, line in _lines(path / IMPRESSIONS_FILE):
-            try:
-                imp = Impression.model_validate_json(line)
-            except ValidationError as exc:
-                raise DatasetError(f"{path / IMPRESSIONS_FILE}:{lineno}: {_first_error(exc)}") from None
-            if imp.impression_id in impressions:
-                raise DatasetError(f"{path / IMPRESSIONS_FILE}:{lineno}: impression {imp.impression_id!r} appears twice")
-            impressions[imp.impression_id] = imp
+        impressions = _read_unique(path / IMPRESSIONS_FILE, Impression, "impression_id", "impression")
     meta: dict[str, Any] = {}
     if (path / META_FILE).is_file():
         try:
@@ -245,6 +230,25 @@ def write_dataset(path: Path, news_tsv_rows: Iterable[str], events: Sequence[Use
                 fh.write(imp.model_dump_json() + "\n")
     if meta is not None:
         (path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def _read_unique(path: Path, model: type[R], key: str, what: str) -> dict[str, R]:
+    """One ``model`` record per line, keyed by ``key``; a bad line or a repeated key is a
+    file:line error."""
+    records: dict[str, R] = {}
+    for lineno, line in _lines(path):
+        try:
+            record = model.model_validate_json(line)
+        except ValidationError as exc:
+            raise DatasetError(f"{path}:{lineno}: {_first_error(exc)}") from None
+        value = getattr(record, key)
+        if value in records:
+            raise DatasetError(f"{path}:{lineno}: {what} {value!r} appears twice")
+        records[value] = record
+    return records
 
 
 def _lines(path: Path) -> Iterable[tuple[int, str]]:
