@@ -53,8 +53,8 @@ def dataset_trending(dataset: Dataset) -> TrendingView | None:
     counter = TrendingCounter()
     for evs in dataset.events.values():
         for e in evs:
-            if e.news_id and e.ts <= now and e.domain in ("news_click", "impression"):
-                counter.add(e.ts, **{"clicked" if e.domain == "news_click" else "shown": [e.news_id]})
+            if e.ts <= now:
+                counter.add_event(e.ts, e.domain, e.news_id)
     return TrendingView.at(counter, now, {a.news_id: a.title for a in dataset.news})
 
 

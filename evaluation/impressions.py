@@ -37,7 +37,7 @@ from index.fusion import FusedItem
 from streams.contracts import UserEvent
 from streams.ranker import FEATURES, UNSEEN_AGE_H, LearnedRanker, candidate_features
 from streams.recommend import Recall, TrendingView, channel_lists, order_candidates
-from streams.trending import TrendingCounter
+from streams.trending import TRENDING_KINDS, TrendingCounter
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def trending_views(impressions: Sequence[Impression], events: Iterable[Sequence[
     """Each impression (in time order) with the trending view as it stood strictly before its
     ``ts``: earlier ``news_click``/``impression`` events and earlier impressions only. The view
     reads the live counter: use it before advancing the iterator."""
-    stream = sorted((e for evs in events for e in evs if e.domain in ("news_click", "impression") and e.news_id),
+    stream = sorted((e for evs in events for e in evs if e.domain in TRENDING_KINDS and e.news_id),
                     key=lambda e: e.ts)
     counter, pending, e_next = TrendingCounter(), 0, 0
     for i, imp in enumerate(impressions):
@@ -74,7 +74,7 @@ def trending_views(impressions: Sequence[Impression], events: Iterable[Sequence[
             pending += 1
         while e_next < len(stream) and stream[e_next].ts < imp.ts:
             e = stream[e_next]
-            counter.add(e.ts, **{"clicked" if e.domain == "news_click" else "shown": [e.news_id]})
+            counter.add_event(e.ts, e.domain, e.news_id)
             e_next += 1
         yield imp, TrendingView.at(counter, imp.ts, titles)
 

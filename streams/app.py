@@ -94,7 +94,6 @@ RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 RANK_MAX_BODY_BYTES = 256 * 1024
 # Set on a /rank request forwarded to the owner of the user's partition: never forwarded again.
 ROUTED_HEADER = "X-Newsrec-Routed"
-TRENDING_DOMAINS = {"news_click": "clicked", "impression": "shown"}
 # /health must answer even when the search server does not.
 HEALTH_SEARCH_TIMEOUT_S = 2.0
 ERROR_SUMMARY_CHARS = 300
@@ -219,11 +218,9 @@ class TrendingFeed:
         except ValueError:
             self.skipped += 1
             return False
-        kind = TRENDING_DOMAINS.get(event.domain)
-        if kind is None or not event.news_id:
-            return False
         ts = min(event.ts, now or datetime.now(UTC))  # a producer's clock ahead of ours counts as now
-        self.counter.add(ts, **{kind: [event.news_id]})
+        if not self.counter.add_event(ts, event.domain, event.news_id):
+            return False
         self.titles[event.news_id] = event.text[:300]
         self.events += 1
         return True

@@ -15,6 +15,8 @@ from datetime import datetime
 
 BUCKET_S = 3600.0
 HORIZON_S = 24 * 3600.0
+# The user-event domains that are trending evidence, and what they count as.
+TRENDING_KINDS = {"news_click": "clicked", "impression": "shown"}
 # Beta prior of the smoothed CTR: `strength` pseudo-shows at the population's CTR.
 PRIOR_STRENGTH = 20.0
 
@@ -117,6 +119,15 @@ class TrendingCounter:
             total = self._totals[nid]
             self.shown_clicks += min(total[0], total[1]) - before
             self.shows += not is_click
+
+    def add_event(self, ts: datetime, domain: str, news_id: str | None) -> bool:
+        """Count one user event: a ``news_click`` is a click, an ``impression`` a show; any
+        other domain (or no news_id) is not trending evidence. True when counted."""
+        kind = TRENDING_KINDS.get(domain)
+        if kind is None or not news_id:
+            return False
+        self.add(ts, **{kind: [news_id]})
+        return True
 
     def _slide(self, now: datetime) -> None:
         oldest = bucket_of(now, self.bucket_s) - int(self.horizon_s // self.bucket_s) + 1
