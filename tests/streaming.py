@@ -365,3 +365,28 @@ def use_engine(stack: Stack, engine: str, es_url: str | None = None) -> str:
                              timeout=WAIT_S, check=False)
     assert indexed.returncode == 0 and f"stopped after {len(CORPUS)} articles" in indexed.stdout, indexed.stdout[-2000:]
     return "-es"
+
+
+# --- in-process refresher tests (no broker): queue one event the way on_event does ----------
+
+def add_event(worker: Any, user: str, event_id: str, text: str | None = None, news_id: str | None = None) -> None:
+    """Apply one event to ``worker``'s users table and schedule the user's refresh."""
+    from streams.contracts import UserEvent
+
+    ev = UserEvent(event_id=event_id, user_id=user, ts=datetime.now(UTC),
+                   domain="news_click" if news_id else "search", text=text or f"signal {event_id}", news_id=news_id)
+    state = apply_event(UserState.from_json(worker.users.get(user)), ev, 0, max_signals=10, max_age_s=1e6,
+                        clicked_memory=10)
+    worker.users[user] = state.to_json()
+    worker.queue.schedule(user, event_id, 0, time.monotonic())
+    worker.wakeup.set()
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Until ``predicate()`` holds (asyncio; fails after ``timeout`` seconds)."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)

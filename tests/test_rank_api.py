@@ -27,14 +27,14 @@ from streams.app import (
     parse_rank_request,
     run_refresher,
 )
-from streams.contracts import Recommendation, UserEvent
+from streams.contracts import Recommendation
 from streams.metrics import Metrics
 from streams.recommend import recommend
 from streams.refresh import RefreshQueue
 from streams.rollout import ActiveModel
 from streams.settings import WorkerSettings
-from streams.window import UserState, apply_event
-from tests.streaming import CORPUS, TEXTS, consume, latest_by_user
+from streams.window import UserState
+from tests.streaming import CORPUS, TEXTS, add_event, consume, latest_by_user, wait_for
 from tools.stack import get_json
 
 # -- in-process ------------------------------------------------------------------------------
@@ -131,22 +131,6 @@ def refresher_worker(model: Any, **settings: Any) -> Worker:
                        channel_weights={"signals": 1.0, "model": 1.0}, **settings)
     return Worker(app=None, settings=s, active_model=ActiveModel(model), engine=Engine(), queue=RefreshQueue(0),
                   metrics=Metrics(), users={}, latest={}, recommendations=Topic(), refresh_done=Topic())
-
-
-def add_event(worker: Worker, user: str, event_id: str, text: str) -> None:
-    ev = UserEvent(event_id=event_id, user_id=user, ts=datetime.now(UTC), domain="search", text=text)
-    state = apply_event(UserState.from_json(worker.users.get(user)), ev, 0, max_signals=10, max_age_s=1e6,
-                        clicked_memory=10)
-    worker.users[user] = state.to_json()
-    worker.queue.schedule(user, event_id, 0, time.monotonic())
-    worker.wakeup.set()
-
-
-async def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 async def test_a_failing_model_degrades_its_channel_without_pausing_refreshes():

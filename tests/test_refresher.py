@@ -3,16 +3,14 @@
 import asyncio
 import json
 import time
-from datetime import UTC, datetime
 
 from index.base import Hit
 from streams.app import Worker, run_refresher
-from streams.contracts import UserEvent
 from streams.metrics import Metrics
 from streams.refresh import RefreshQueue
 from streams.rollout import ActiveModel
 from streams.settings import WorkerSettings
-from streams.window import UserState, apply_event
+from tests.streaming import add_event, wait_for
 
 
 class SlowModel:
@@ -50,23 +48,6 @@ def make_worker(model, min_interval=0.0) -> Worker:
     return Worker(app=None, settings=settings, active_model=ActiveModel(model), engine=Engine(),
                   queue=RefreshQueue(min_interval), metrics=Metrics(), users={}, latest={}, recommendations=Topic(),
                   refresh_done=Topic())
-
-
-def add_event(worker: Worker, user: str, event_id: str, news_id: str | None = None) -> None:
-    ev = UserEvent(event_id=event_id, user_id=user, ts=datetime.now(UTC), domain="news_click" if news_id else "search",
-                   text=f"signal {event_id}", news_id=news_id)
-    state = apply_event(UserState.from_json(worker.users.get(user)), ev, 0, max_signals=10, max_age_s=1e6,
-                        clicked_memory=10)
-    worker.users[user] = state.to_json()
-    worker.queue.schedule(user, event_id, 0, time.monotonic())
-    worker.wakeup.set()
-
-
-async def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 async def test_event_arriving_during_refresh_is_published_without_further_events():

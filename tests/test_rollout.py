@@ -33,8 +33,8 @@ from streams.rollout import (
     startup_candidates,
 )
 from streams.settings import WorkerSettings
-from tests.streaming import CORPUS, consume, event
-from tests.test_refresher import add_event, make_worker, wait_for
+from tests.streaming import CORPUS, add_event, consume, event, wait_for
+from tests.test_refresher import make_worker
 from tools.stack import WorkerProcess, get_json
 
 NOW = datetime(2026, 11, 1, 9, 30, tzinfo=UTC)

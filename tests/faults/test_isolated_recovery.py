@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from index.embedded import EmbeddedEngine
 from streams.app import run_refresher
-from tests.faults.test_search_outage import Topic, add_event, refresher_worker
+from tests.faults.test_search_outage import Topic, refresher_worker
 from tests.streaming import (
     CORPUS,
     FAULT_ENV,
@@ -27,6 +27,7 @@ from tests.streaming import (
     WAIT_S,
     FaultCounts,
     Stack,
+    add_event,
     check_nothing_lost,
     counter,
     read_topic,
@@ -96,7 +97,7 @@ async def test_a_publish_failing_part_way_republishes_every_user_of_the_batch_on
     topic = worker.recommendations = FailingTopic(fail_at=3)  # 2 users out, then the failure
     users = [f"u{n}" for n in range(5)]
     for user in users:  # queued before the refresher starts: one batch
-        add_event(worker, user, f"{user}-e1")
+        add_event(worker, user, f"{user}-e1", "electric cars")
     task = asyncio.create_task(run_refresher(worker))
     try:
         deadline = time.monotonic() + WAIT_S

@@ -14,7 +14,6 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +28,15 @@ from streams.app import (
     search_status,
     served_recommendation,
 )
-from streams.contracts import UserEvent
 from streams.metrics import Metrics
 from streams.refresh import RefreshQueue
 from streams.rollout import ActiveModel
 from streams.settings import WorkerSettings
-from streams.window import UserState, apply_event
 from tests.streaming import (
     CORPUS,
     HTTP_TIMEOUT_S,
     WAIT_S,
+    add_event,
     consume,
     counter,
     fault_counts,
@@ -111,15 +109,6 @@ def refresher_worker(engine: Any) -> Worker:
                   refresh_done=Topic(), health=RefreshHealth([API_KEY]))
 
 
-def add_event(worker: Worker, user: str, event_id: str) -> None:
-    ev = UserEvent(event_id=event_id, user_id=user, ts=datetime.now(UTC), domain="search", text="electric cars")
-    state = apply_event(UserState.from_json(worker.users.get(user)), ev, 0, max_signals=10, max_age_s=1e6,
-                        clicked_memory=10)
-    worker.users[user] = state.to_json()
-    worker.queue.schedule(user, event_id, 0, time.monotonic())
-    worker.wakeup.set()
-
-
 @dataclass
 class SilentServer:
     url: str
@@ -156,7 +145,7 @@ async def test_a_silent_search_server_costs_one_timeout_not_forever(silent_serve
         assert status == {"ok": False, "documents": None, "error": "no answer within 0.3s"}
 
         worker = refresher_worker(engine)
-        add_event(worker, "u1", "e1")
+        add_event(worker, "u1", "e1", "electric cars")
         task = asyncio.create_task(run_refresher(worker))
         try:
             deadline = time.monotonic() + WAIT_S
@@ -184,7 +173,7 @@ async def test_backoff_holds_every_refresh_while_search_is_down() -> None:
         # A new user every 50 ms until the server was probed 3 times and 40 users arrived.
         while worker.metrics.counters["batches_failed"] < 3 or n < 40:
             assert time.monotonic() < deadline, f"{worker.metrics.counters['batches_failed']} probes, {n} users"
-            add_event(worker, f"u{n}", f"e{n}")
+            add_event(worker, f"u{n}", f"e{n}", "electric cars")
             n += 1
             await asyncio.sleep(0.05)
         elapsed = time.monotonic() - t0
