@@ -137,11 +137,12 @@ def _model_channel(args: argparse.Namespace, dataset: Any) -> Any:
 
 
 def _dense_index(dataset: Any, rc: Any) -> Any:
-    from index.dense import DenseIndex, MiniLMEmbedder
+    from index.dense import DenseIndex
+    from streams.settings import WorkerSettings, load
 
     if not rc.weights.get("dense"):
         return None
-    dense = DenseIndex(MiniLMEmbedder())
+    dense = DenseIndex(load(WorkerSettings).minilm_embedder())
     dense.upsert_sync(dataset.news)
     return dense
 

@@ -139,7 +139,7 @@ async def search_backend(kind: EngineKind, news: Sequence[NewsArticle], *, es_ur
         finally:
             engine.close_sync()
     elif kind == "dense":
-        index = DenseIndex(embedder or MiniLMEmbedder())
+        index = DenseIndex(embedder or load(WorkerSettings).minilm_embedder())
         index.upsert_sync(news)
         yield index
     elif kind == "elasticsearch":
@@ -255,7 +255,7 @@ async def evaluate(dataset: Dataset, methods: Sequence[Method], cfg: EvalConfig 
     now = dataset_cutoff(dataset)
     needs_search = any(m.kind == "queries" for m in methods)
     if embedder is None and (engine == "dense" or (cfg.diversity and needs_search)):
-        embedder = MiniLMEmbedder()
+        embedder = load(WorkerSettings).minilm_embedder()
     results = []
     t0 = time.perf_counter()
     if needs_search:

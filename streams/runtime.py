@@ -69,8 +69,8 @@ class LazyDense:
     if MiniLM cannot load) it counts 0 documents and the dense channel is skipped. Otherwise
     it stands for the ``index.dense.DenseIndex`` it holds."""
 
-    def __init__(self, factory: Callable[[], Any] | None = None) -> None:
-        self._factory = factory or _minilm_index
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
         self._index: Any = None
         self.error: str | None = None
         self._lock = threading.Lock()
@@ -102,10 +102,10 @@ class LazyDense:
 EMBEDDING_CACHE = 8_192
 
 
-def _minilm_index(store: Path | None = None) -> Any:
-    from index.dense import DenseIndex, MiniLMEmbedder
+def _minilm_index(settings: WorkerSettings) -> Any:
+    from index.dense import DenseIndex
 
-    return DenseIndex(MiniLMEmbedder(cache_size=EMBEDDING_CACHE, store=store))
+    return DenseIndex(settings.minilm_embedder(cache_size=EMBEDDING_CACHE))
 
 
 class DenseFeed:
@@ -176,8 +176,7 @@ def open_dense(settings: WorkerSettings) -> LazyDense | None:
     """The dense index when the dense channel is weighted above 0 (MiniLM loads lazily)."""
     if settings.channel_weights.get("dense", 0) <= 0:
         return None
-    store = settings.resolved_embedding_store()
-    return LazyDense(lambda: _minilm_index(store))
+    return LazyDense(lambda: _minilm_index(settings))
 
 
 class _Feeds:

@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
+    from index.dense import MiniLMEmbedder
     from index.elastic import ElasticEngine
 
 _HOST_PORT = re.compile(r"^[\w.\-\[\]:]+:\d{1,5}$")
@@ -296,6 +297,13 @@ class WorkerSettings(CommonSettings):
     def resolved_embedding_store(self) -> Path:
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         return self.embedding_store or cache / "newsrec" / "embeddings.sqlite"
+
+    def minilm_embedder(self, **kwargs: Any) -> MiniLMEmbedder:
+        """MiniLM backed by the host's vector store, as the worker's: offline runs (eval, reward
+        scoring) embed a corpus once per host, not once per run."""
+        from index.dense import MiniLMEmbedder  # torch loads only when embeddings are used
+
+        return MiniLMEmbedder(store=self.resolved_embedding_store(), **kwargs)
 
     def resolved_model_registry(self) -> Path:
         return self.model_registry or self.state_dir / "models" / "registry"

@@ -114,3 +114,20 @@ def test_embedding_store_is_shared_across_embedders(tmp_path) -> None:
     assert second.encoded_texts == 1 and np.allclose(again[:3], vectors)
     assert np.allclose(second.encode(texts[:1]), vectors[:1])  # the small LRU evicted it: the store has it
     assert second.encoded_texts == 1
+
+
+def test_offline_runs_share_the_workers_vector_store(tmp_path, monkeypatch) -> None:
+    """Reward scoring and `newsrec eval` embed through the configured store, like the worker:
+    a second run on the same host embeds nothing the first one embedded."""
+    from streams.contracts import NewsArticle
+    from training.scoring import RewardScorer
+
+    monkeypatch.setenv("NEWSREC_EMBEDDING_STORE", str(tmp_path / "host.sqlite"))
+    news = [NewsArticle(news_id=f"N{i}", category="sports", subcategory="soccer", title=f"cup final report {i}")
+            for i in range(3)]
+    first = RewardScorer(news)
+    assert first.embedder.encoded_texts == 3 and (tmp_path / "host.sqlite").is_file()
+    second = RewardScorer(news)
+    assert second.embedder.encoded_texts == 0
+    first.close()
+    second.close()

@@ -28,6 +28,7 @@ from index.dense import DenseIndex, MiniLMEmbedder, article_text
 from index.embedded import EmbeddedEngine
 from index.fusion import FusedItem
 from streams.contracts import NewsArticle
+from streams.settings import WorkerSettings, load
 from streams.recommend import (
     Recall,
     RecommendConfig,
@@ -104,7 +105,7 @@ class RewardScorer:
             raise ValueError("the reward scorer needs a non-empty news corpus")
         self.config = config or RewardConfig()
         started = time.perf_counter()
-        self.embedder = embedder or MiniLMEmbedder()
+        self.embedder = embedder or load(WorkerSettings).minilm_embedder()
         self.engine = EmbeddedEngine()
         self.engine.upsert_sync(news)
         by_id = {a.news_id: a for a in news}  # a repeated id keeps its last row, like the index
