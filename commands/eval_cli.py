@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import shutil
 import tempfile
 import uuid
@@ -29,7 +30,9 @@ def add_eval_commands(subparsers: Any) -> None:
                     "serving path; `eval overlap` compares search engines instead.")
     p.add_argument("--data", type=Path, help="dataset directory")
     p.add_argument("--model", action="append", dest="models", metavar="M",
-                   help="lexical | popular | bootstrap (prompt-only SmolLM2) | an ONNX model dir; repeatable")
+                   help="lexical | popular | bootstrap (prompt-only SmolLM2) | an ONNX model dir | best-of-N:M "
+                        "(M = bootstrap or an ONNX dir, sampled N times per user, the best by the test-time "
+                        "rewards); repeatable")
     p.add_argument("--k", default="5,10", help="comma-separated cut-offs (default 5,10)")
     p.add_argument("--samples", type=int, default=None, metavar="N", help="evaluate the first N target users")
     p.add_argument("--engine", choices=["embedded", "elasticsearch", "dense"], default="embedded",
@@ -80,7 +83,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from evaluation.baselines import resolve_method
     from evaluation.dataset import DatasetError, load_dataset
     from evaluation.evaluate import EvalConfig, format_markdown, run_evaluation
     from streams.settings import CommonSettings, load
@@ -103,7 +105,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cfg_args["batch_size"] = args.batch_size
     try:
         cfg = EvalConfig(**cfg_args)
-        methods = [resolve_method(m, dataset.news, dataset.events) for m in args.models]
+        methods = [_resolve(m, dataset) for m in args.models]
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     es: dict[str, Any] = {}
@@ -125,11 +127,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve(spec: str, dataset: Any) -> Any:
+    """A --model: a baseline, a model dir, or ``best-of-N:M`` (model M sampled N times per user,
+    the best completion by the test-time rewards over this dataset's corpus served)."""
+    from evaluation.baselines import bootstrap_model_dir, resolve_method
+
+    match = re.fullmatch(r"best-of-(\d+):(.+)", spec)
+    if match is None:
+        return resolve_method(spec, dataset.news, dataset.events)
+    from models.runtime import OnnxCausalLM
+    from training.sampling import BestOfN
+    from training.scoring import RewardScorer
+
+    n, model = int(match[1]), match[2]
+    model_dir = bootstrap_model_dir() if model == "bootstrap" else Path(model)
+    if not model_dir.is_dir():
+        raise ValueError(f"--model {spec}: {model_dir} is not an ONNX model directory (or 'bootstrap')")
+    return BestOfN(OnnxCausalLM(model_dir), RewardScorer(dataset.news), n)
+
+
 def _model_channel(args: argparse.Namespace, dataset: Any) -> Any:
     """The one query-writing --model that fills the model channel, or None."""
-    from evaluation.baselines import QueryMethod, resolve_method
+    from evaluation.baselines import QueryMethod
 
-    methods = [resolve_method(m, dataset.news, dataset.events) for m in args.models or ()]
+    methods = [_resolve(m, dataset) for m in args.models or ()]
     if len(methods) > 1 or not all(isinstance(m, QueryMethod) for m in methods):
         raise CommandError("channel evaluations take at most one query-writing --model (bootstrap or an ONNX "
                            "model dir): it is the model channel beside signals, dense and trending")

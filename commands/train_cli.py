@@ -46,18 +46,28 @@ def add_train_commands(subparsers: Any) -> None:
     w.set_defaults(func=_cmd_warmstart)
 
     d = subparsers.add_parser(
-        "distill", help="distil a teacher into a smaller student (on-policy reverse KL, or supervised)",
-        description="On-policy distillation with TRL's DistillationTrainer (GKD lmbda=1, beta=1), or the "
-                    "supervised baseline (SFT on teacher outputs); exports and evaluates the student.")
-    d.add_argument("--teacher", type=Path, required=True, help="teacher HF model dir (e.g. <grpo run>/final)")
-    d.add_argument("--student-layers", type=int, required=True, help="student = the teacher's first N blocks")
-    d.add_argument("--data", type=Path, required=True, help="training dataset directory (prompts only)")
+        "distill", help="distil a teacher into a student (on-policy reverse KL, sequence-level, supervised)",
+        description="On-policy distillation with TRL's DistillationTrainer (GKD lmbda=1, beta=1); sequence-level "
+                    "(SFT on the teacher's best-of-N outputs, selected by the test-time rewards); or the "
+                    "supervised baseline (SFT on greedy teacher outputs). Exports and evaluates the student.")
+    d.add_argument("--teacher", type=Path, required=True,
+                   help="teacher HF model dir (e.g. <grpo run>/final), or 'smollm2' (the packaged SmolLM2-135M)")
+    d.add_argument("--student-layers", type=int, default=None,
+                   help="student = the teacher's first N blocks (default: the whole model)")
+    d.add_argument("--data", type=Path, action="append", required=True,
+                   help="training dataset directory; repeatable (e.g. MIND impressions and simulated users: "
+                        "a dataset with impressions gives only its training days)")
     d.add_argument("--out", type=Path, required=True, help="run directory to create")
-    d.add_argument("--method", choices=["on-policy", "supervised", "none"], default="on-policy",
-                   help="none = the cut student untrained (the ablation's baseline row)")
+    d.add_argument("--method", choices=["on-policy", "sequence", "supervised", "none"], default="on-policy",
+                   help="none = the student untrained (the ablation's baseline row)")
+    d.add_argument("--teacher-samples", type=int, default=8, metavar="N",
+                   help="sequence: the teacher's best of N samples per prompt (default 8)")
+    d.add_argument("--teacher-onnx", type=Path, default=None,
+                   help="sequence: the teacher's ONNX export to sample ('bootstrap' for the packaged SmolLM2; "
+                        "default: export --teacher once)")
     d.add_argument("--student-init", type=Path, default=None,
                    help="start from this student (e.g. a supervised run's final/) instead of cutting the teacher")
-    d.add_argument("--users", type=int, default=256, help="training prompts: the first N target users")
+    d.add_argument("--users", type=int, default=256, help="training prompts: the first N training users per dataset")
     d.add_argument("--steps", type=int, default=50)
     d.add_argument("--batch-size", type=int, default=8, help="prompts per step")
     d.add_argument("--lr", type=float, default=5e-5)
@@ -134,9 +144,16 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
 def _cmd_distill(args: argparse.Namespace) -> int:
     from training.distill import DistillConfig, distill
 
-    cfg = DistillConfig(teacher=args.teacher, train_data=args.data, output_dir=args.out,
+    from training.grpo import resolve_base_model
+
+    teacher_onnx = args.teacher_onnx
+    if teacher_onnx is not None and str(teacher_onnx) == "bootstrap":
+        from evaluation.baselines import bootstrap_model_dir
+
+        teacher_onnx = bootstrap_model_dir()
+    cfg = DistillConfig(teacher=resolve_base_model(str(args.teacher)), train_data=tuple(args.data), output_dir=args.out,
                         student_layers=args.student_layers, method=args.method, student_init=args.student_init,
-                        train_users=args.users,
+                        teacher_samples=args.teacher_samples, teacher_onnx=teacher_onnx, train_users=args.users,
                         eval_data=args.eval_data, eval_users=args.eval_users, max_steps=args.steps,
                         batch_size=args.batch_size, learning_rate=args.lr, threads=args.threads)
     summary = distill(cfg, progress=not args.no_progress)
@@ -144,6 +161,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     trained = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no training"
     print(f"{cfg.method} distillation: {len(losses)} logged steps, {trained} "
           f"in {summary['train_s']:.0f} s; student {summary['student_parameters'] / 1e6:.1f}M parameters")
+    for t in summary["teacher_sampling"]:
+        print(f"teacher best-of-{cfg.teacher_samples} on {t['data']}: {t['prompts']} prompts, selected reward "
+              f"{t['selected_reward']:.3f} (one sample: {t['first_sample_reward']:.3f}); sampling {t['sample_s']:.0f} s, "
+              f"scoring {t['score_s']:.0f} s")
     if "eval" in summary:
         from evaluation.evaluate import format_markdown
 

@@ -21,6 +21,7 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -104,6 +105,17 @@ class Dataset:
 
     def news_by_id(self) -> dict[str, NewsArticle]:
         return {a.news_id: a for a in self.news}
+
+
+# The last day of impressions is held out (evaluation) and never trained on (trainers).
+HOLDOUT_DAYS = 1.0
+
+
+def holdout_cutoff(impressions: Sequence[Impression], days: float = HOLDOUT_DAYS) -> datetime:
+    """Impressions after this moment are held out: the last ``days`` before the newest one."""
+    if not impressions:
+        raise ValueError("no impressions to split")
+    return max(i.ts for i in impressions) - timedelta(days=days)
 
 
 def load_dataset(path: Path) -> Dataset:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from evaluation.baselines import Method
-from evaluation.dataset import EVENTS_FILE, NEWS_FILE, TARGETS_FILE, Dataset
+from evaluation.dataset import EVENTS_FILE, HOLDOUT_DAYS, NEWS_FILE, TARGETS_FILE, Dataset, holdout_cutoff
 from evaluation.metrics import aggregate, hit_rate_at_k, interest_coverage, mrr, ndcg_at_k, query_diversity, recall_at_k
 from index.base import SearchEngine
 from index.dense import DenseIndex, MiniLMEmbedder
@@ -96,6 +96,41 @@ def dataset_cutoff(dataset: Dataset) -> datetime | None:
             log.warning("meta.json cutoff %r is not ISO 8601; using the newest event time", raw)
     newest = [evs[-1].ts for evs in dataset.events.values() if evs]
     return max(newest) if newest else None
+
+
+@dataclass(frozen=True)
+class TrainingUser:
+    user_id: str
+    state: UserState  # the worker's window when the model is asked
+    now: datetime | None  # when it is asked (the prompt dates the signals against it)
+    targets: tuple[str, ...]  # what the user read next: rewards only, never the prompt
+    cold: bool
+
+
+def training_users(dataset: Dataset, window: WindowConfig, *, holdout_days: float = HOLDOUT_DAYS,
+                   limit: int | None = None) -> list[TrainingUser]:
+    """The users a trainer may learn from, in file order (the first ``limit``).
+
+    A dataset with impressions is split by time like the impression protocol: only users whose
+    impression comes before the held-out last ``holdout_days`` (their window: events strictly
+    before it; targets: its clicks), so no trainer sees a held-out user. Without impressions:
+    every target user, at the dataset cutoff."""
+    if dataset.impressions:
+        cutoff = holdout_cutoff(dataset.impressions, holdout_days)
+        first = {}
+        for imp in dataset.impressions:
+            if imp.ts <= cutoff and imp.clicked:
+                first.setdefault(imp.user_id, imp)
+        users = []
+        for imp in list(first.values())[:limit]:
+            state = build_state([e for e in dataset.events.get(imp.user_id, ()) if e.ts < imp.ts], window)
+            target = dataset.targets.get(imp.user_id)
+            users.append(TrainingUser(imp.user_id, state, imp.ts, tuple(imp.clicked),
+                                      target.cold if target else len(state.signals) < 5))
+        return users
+    now = dataset_cutoff(dataset)
+    return [TrainingUser(u, build_state(dataset.events.get(u, ()), window), now, tuple(dataset.targets[u].news_ids),
+                         dataset.targets[u].cold) for u in dataset.users[:limit]]
 
 
 def dataset_fingerprint(dataset: Dataset) -> str | None:

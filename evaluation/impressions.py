@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 from evaluation.baselines import QueryMethod
 from evaluation.channels import ChannelEvalConfig, variants
-from evaluation.dataset import Dataset, Impression
+from evaluation.dataset import HOLDOUT_DAYS, Dataset, Impression, holdout_cutoff
 from evaluation.evaluate import build_state
 from evaluation.metrics import bootstrap_ci, impression_auc, impression_mrr, impression_ndcg
 from index.base import SearchEngine
@@ -46,7 +45,7 @@ METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10")
 
 @dataclass(frozen=True)
 class ImpressionConfig(ChannelEvalConfig):
-    holdout_days: float = 1.0
+    holdout_days: float = HOLDOUT_DAYS
     model_samples: int | None = 300  # held-out impressions the model channel writes queries for
     save_ranker: Path | None = None  # write the fitted learned fusion here (a versioned artifact)
 
@@ -86,7 +85,7 @@ async def evaluate_impressions(dataset: Dataset, engine: SearchEngine, dense: De
     imps = sorted(dataset.impressions, key=lambda i: (i.ts, i.impression_id))
     if not imps:
         raise ValueError(f"{dataset.path}: no impressions.jsonl to evaluate")
-    cutoff = imps[-1].ts - timedelta(days=cfg.holdout_days)
+    cutoff = holdout_cutoff(imps, cfg.holdout_days)
     titles = {a.news_id: a.title for a in dataset.news}
     categories = {a.news_id: (a.category, a.subcategory) for a in dataset.news}
     rc = cfg.recommend

@@ -62,3 +62,21 @@ def test_no_distillation_keeps_the_teachers_first_blocks_and_seeds_a_later_run(s
     assert len(chained["losses"]) == 1
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "chain" / "final").state_dict()
     assert any(not torch.equal(trained[k], student[k]) for k in student)
+
+
+def test_sequence_distillation_learns_the_teachers_best_of_n(small_sim_dataset: Path, tiny_model_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """The teacher samples N completions per prompt (its ONNX export), the test-time rewards pick
+    one, and the whole-model student is fine-tuned on the picks."""
+    teacher = tiny_model_dir.parent / "hf"
+    cfg = DistillConfig(teacher=teacher, train_data=small_sim_dataset, output_dir=tmp_path / "seq",
+                        method="sequence", teacher_samples=3, teacher_onnx=tiny_model_dir, train_users=4,
+                        max_steps=2, batch_size=2, max_completion_length=8, threads=2)
+    assert cfg.train_data == (small_sim_dataset,) and cfg.student_layers is None
+    summary = distill(cfg, progress=False)
+    assert len(summary["losses"]) == 2
+    (stats,) = summary["teacher_sampling"]
+    assert stats["prompts"] == 4
+    assert stats["selected_reward"] >= stats["first_sample_reward"]  # the best of 3 includes the first
+    student_cfg = json.loads((cfg.output_dir / "final" / "config.json").read_text())
+    assert student_cfg["num_hidden_layers"] == summary["teacher_layers"] == 2  # the whole model

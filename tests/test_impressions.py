@@ -127,3 +127,22 @@ def test_channel_ablation_on_the_corpus_protocol(small_sim_dataset: Path, tiny_m
     effect = report["model_effect"]["recall@10"]
     assert effect["ci95"][0] <= effect["mean"] <= effect["ci95"][1]
     assert "model channel effect on recall@10" in capsys.readouterr().out
+
+
+def test_trainers_see_only_the_training_days(impression_dataset: Path) -> None:
+    """Prompts for GRPO, warm start and distillation come from training_users: no held-out user,
+    and each window holds only what happened before that user's impression."""
+    from evaluation.dataset import holdout_cutoff
+    from evaluation.evaluate import WindowConfig, training_users
+
+    ds = load_dataset(impression_dataset)
+    cutoff = holdout_cutoff(ds.impressions)
+    users = training_users(ds, WindowConfig(max_signals=50, max_age_s=30 * 86400, clicked_memory=100))
+    held = {i.user_id for i in ds.impressions if i.ts > cutoff}
+    first = {i.user_id: i for i in reversed(ds.impressions)}
+    assert len(users) == 12 and len(held) == 12 and not {u.user_id for u in users} & held
+    for u in users:
+        shown = first[u.user_id]
+        assert u.now == shown.ts and u.targets == tuple(shown.clicked)
+        assert u.state.signals and all(s.ts < shown.ts for s in u.state.signals)
+    assert [u.user_id for u in training_users(ds, WindowConfig.from_settings(), limit=3)] == ["u0", "u1", "u2"]

@@ -11,7 +11,13 @@ from evaluation.dataset import load_dataset
 from streams.recommend import RecommendConfig, user_prompt
 from streams.window import UserState
 from training.grpo import GRPORunConfig
-from training.study import PromptKeyedQueries, best_of, capacity_study, sampling_study, save_study
+from training.sampling import Samples, best_of
+from training.study import (
+    PromptKeyedQueries,
+    capacity_study,
+    sampling_study,
+    save_study,
+)
 
 
 def test_best_of_takes_the_best_prefix_score_and_the_earliest_tie() -> None:
@@ -54,3 +60,22 @@ def test_capacity_study_trains_each_depth(small_sim_dataset: Path, tiny_model_di
     assert json.loads((tmp_path / "cap" / "layers-1" / "final" / "config.json").read_text())["num_hidden_layers"] == 1
     again = capacity_study(base, [1], out_dir=tmp_path / "cap", progress=False)  # finished runs are reused
     assert again["points"][0] == one
+
+
+def test_samples_serve_the_best_completion() -> None:
+    samples = Samples([["a", "b", "c"], ["d", "e"]], [[0.1, 0.5, 0.5], [0.9, 0.2]], [[1, 1, 1], [1, 1]], 0.0, 0.0)
+    assert samples.best() == [1, 0] and samples.selected() == ["b", "d"]
+    assert samples.selected(1) == ["a", "d"]
+
+
+def test_eval_serves_a_best_of_n_teacher(small_sim_dataset: Path, tiny_model_dir: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from commands.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--data", str(small_sim_dataset), "--model", f"best-of-2:{tiny_model_dir}",
+                 "--samples", "3", "--no-diversity", "--out", str(out)]) == 0
+    (method,) = json.loads(out.read_text())["methods"]
+    assert method["method"].startswith("best-of-2:") and method["timings"]["users"] == 3
+    assert main(["eval", "--data", str(small_sim_dataset), "--model", f"best-of-2:{tmp_path / 'nope'}"]) == 2
+    assert "not an ONNX model directory" in capsys.readouterr().err

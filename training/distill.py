@@ -6,12 +6,18 @@
   TRL itself points that setting to ``DistillationTrainer``.
 - ``supervised`` (the ablation baseline): the teacher writes one greedy completion per
   training prompt, and the student is fine-tuned on them (TRL ``SFTTrainer``).
-- ``none`` (the paper's "no distillation" row): the cut student as initialised, untrained.
+- ``sequence`` (sequence-level distillation, Kim & Rush 2016): the teacher is the model with
+  inference-time scaling, best-of-``teacher_samples`` selected by the test-time rewards
+  (``training.sampling``); the student is fine-tuned on those selected outputs. This is how a
+  student learns what costs the teacher N samples and a reward pass per user.
+- ``none`` (the paper's "no distillation" row): the student as initialised, untrained.
 
-The student is the teacher cut to its first ``student_layers`` blocks (same tokenizer,
-initialised from the teacher's weights), or ``student_init``: an earlier run's student, so
-on-policy distillation can start from a supervised one (GKD's recipe when the cut student
-is too broken to sample anything the teacher can correct). A run writes ``final/``, ``onnx/`` (parity-validated
+The student is the whole teacher model (``student_layers`` None: a full pretrained student),
+or the teacher cut to its first ``student_layers`` blocks (same tokenizer, the teacher's
+weights), or ``student_init``: an earlier run's student, so on-policy distillation can start
+from a supervised one (GKD's recipe when the cut student is too broken to sample anything the
+teacher can correct). Training prompts come from every ``train_data`` directory; one with
+MIND impressions gives only its training days (``evaluation.evaluate.training_users``). A run writes ``final/``, ``onnx/`` (parity-validated
 export, parent = the teacher), ``train_log.jsonl``, ``eval.json`` and ``run.json``.
 """
 
@@ -25,22 +31,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 from evaluation.dataset import load_dataset
-from evaluation.evaluate import WindowConfig, build_state, dataset_cutoff
+from evaluation.evaluate import WindowConfig, training_users
 from streams.recommend import RecommendConfig, user_prompt
 from streams.settings import ConfigError
 
 log = logging.getLogger(__name__)
 
-Method = Literal["on-policy", "supervised", "none"]
+Method = Literal["on-policy", "supervised", "sequence", "none"]
+METHODS = ("on-policy", "supervised", "sequence", "none")
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     teacher: Path  # HF model dir (e.g. a GRPO run's final/)
-    train_data: Path
+    train_data: Path | tuple[Path, ...]  # one or more dataset dirs (real and simulated users)
     output_dir: Path
-    student_layers: int
+    student_layers: int | None = None  # None: the whole teacher architecture (a full pretrained student)
     method: Method = "on-policy"
+    teacher_samples: int = 8  # sequence: best of N teacher samples per prompt
+    teacher_onnx: Path | None = None  # sequence: the teacher's ONNX export to sample (default: exported here)
     student_init: Path | None = None  # HF dir of an earlier student with student_layers blocks
     train_users: int | None = 256
     eval_data: Path | None = None
@@ -55,10 +64,14 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.train_data, (str, Path)):
+            object.__setattr__(self, "train_data", (Path(self.train_data),))
         problems = []
-        if self.method not in ("on-policy", "supervised", "none"):
-            problems.append(f"method: {self.method!r} is not 'on-policy', 'supervised' or 'none'")
-        for name in ("student_layers", "max_steps", "batch_size", "max_completion_length"):
+        if self.method not in METHODS:
+            problems.append(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.student_layers is not None and self.student_layers < 1:
+            problems.append("student_layers: must be at least 1, or None for the whole model")
+        for name in ("max_steps", "batch_size", "max_completion_length", "teacher_samples"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be at least 1")
         if self.train_users is not None and self.train_users < 1:
@@ -72,10 +85,39 @@ class DistillConfig:
 
 
 def training_prompts(data: Path, users: int | None) -> list[str]:
-    """The worker's prompt for each target user (window at the dataset cutoff)."""
+    """The worker's prompt for each training user (``training_users``: no held-out user)."""
     dataset = load_dataset(data)
-    window, now, rc = WindowConfig.from_settings(), dataset_cutoff(dataset), RecommendConfig.from_settings()
-    return [user_prompt(build_state(dataset.events.get(u, ()), window), rc, now) for u in dataset.users[:users]]
+    rc = RecommendConfig.from_settings()
+    return [user_prompt(u.state, rc, u.now) for u in training_users(dataset, WindowConfig.from_settings(), limit=users)]
+
+
+def best_of_n_completions(cfg: DistillConfig, data: Path, teacher_onnx: Path, *,
+                          progress: bool) -> tuple[list[str], list[str], dict[str, Any]]:
+    """The sequence-level teacher on one dataset: prompts, the best of ``teacher_samples``
+    completions each (test-time rewards over this dataset's corpus), and what it cost."""
+    from models.runtime import OnnxCausalLM
+    from training.sampling import sample_and_score
+    from training.scoring import RewardScorer
+
+    dataset = load_dataset(data)
+    rc = RecommendConfig.from_settings()
+    users = training_users(dataset, WindowConfig.from_settings(), limit=cfg.train_users)
+    prompts = [user_prompt(u.state, rc, u.now) for u in users]
+    scorer = RewardScorer(dataset.news)
+    try:
+        contexts = [scorer.context(u.state, prompt_signals=rc.prompt_signals, utility=False) for u in users]
+        lm = OnnxCausalLM(teacher_onnx, intra_op_threads=cfg.threads)
+        samples = sample_and_score(lm, scorer, prompts, contexts, n=cfg.teacher_samples,
+                                   max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                   seed=cfg.seed, progress=progress)
+    finally:
+        scorer.close()
+    best = samples.best()
+    stats = {"data": str(data), "prompts": len(prompts), "sample_s": round(samples.sample_s, 1),
+             "score_s": round(samples.score_s, 1),
+             "selected_reward": round(sum(r[i] for r, i in zip(samples.rewards, best, strict=True)) / len(best), 4),
+             "first_sample_reward": round(sum(r[0] for r in samples.rewards) / len(best), 4)}
+    return prompts, samples.selected(), stats
 
 
 def teacher_completions(teacher_dir: Path, prompts: list[str], *, max_new_tokens: int, batch_size: int = 16,
@@ -116,11 +158,12 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    prompts = training_prompts(cfg.train_data, cfg.train_users)
+    prompts = [p for data in cfg.train_data for p in training_prompts(data, cfg.train_users)]
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
     student = load_policy(cfg.student_init or cfg.teacher, layers=cfg.student_layers)
     teacher_layers = int(json.loads((cfg.teacher / "config.json").read_text())["num_hidden_layers"])
     final = out / "final"
+    teacher_stats: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     if cfg.method == "on-policy":
         history = _on_policy(cfg, student, tokenizer, prompts, final, progress)
@@ -128,6 +171,16 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> dict[str, Any]:
         student.save_pretrained(final)
         tokenizer.save_pretrained(final)
         history = []
+    elif cfg.method == "sequence":
+        teacher_onnx = cfg.teacher_onnx or export_run(cfg.teacher, out / "teacher-onnx", name="teacher",
+                                                      version=f"teacher-{cfg.teacher.name}", parent=None)
+        prompts, completions = [], []
+        for data in cfg.train_data:
+            p, c, stats = best_of_n_completions(cfg, data, Path(teacher_onnx), progress=progress)
+            prompts += p
+            completions += c
+            teacher_stats.append(stats)
+        history = _supervised(cfg, student, tokenizer, prompts, completions, final, progress)
     else:
         completions = teacher_completions(cfg.teacher, prompts, max_new_tokens=cfg.max_completion_length,
                                           progress=progress)
@@ -140,6 +193,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> dict[str, Any]:
         "config": json.loads(json.dumps(asdict(cfg), default=str)), "prompts": len(prompts),
         "teacher_layers": teacher_layers, "student_parameters": sum(p.numel() for p in student.parameters()),
         "train_s": round(train_s, 1), "losses": [r["loss"] for r in history if "loss" in r],
+        "teacher_sampling": teacher_stats,
     }
     summary["onnx"] = str(export_run(final, out / "onnx", name=f"student-{out.name}", version=f"student-{out.name}",
                                      parent=cfg.teacher.name if cfg.teacher.name != "final" else cfg.teacher.parent.name))

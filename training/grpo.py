@@ -28,7 +28,7 @@ from typing import Any
 
 from evaluation.channels import dataset_trending
 from evaluation.dataset import Dataset, load_dataset
-from evaluation.evaluate import EvalConfig, WindowConfig, build_state, dataset_cutoff
+from evaluation.evaluate import EvalConfig, WindowConfig, training_users
 from streams.recommend import RecommendConfig, user_prompt
 from streams.settings import ConfigError
 from training.rewards import REWARD_NAMES
@@ -154,15 +154,12 @@ class GRPORunConfig:
 def user_rows(dataset: Dataset, scorer: RewardScorer, *, users: int | None, recommend: RecommendConfig,
               with_targets: bool = True) -> list[dict[str, Any]]:
     """One training row per target user: the worker's prompt plus the reward context."""
-    window = WindowConfig.from_settings()
-    now = dataset_cutoff(dataset)
     rows = []
-    for user in dataset.users[:users]:
-        state = build_state(dataset.events.get(user, ()), window)
-        targets = dataset.targets[user].news_ids if with_targets else ()
-        ctx = scorer.context(state, prompt_signals=recommend.prompt_signals, targets=targets)
-        rows.append({"user_id": user, "cold": dataset.targets[user].cold, "prompt": user_prompt(state, recommend, now),
-                     **ctx.to_row()})
+    for user in training_users(dataset, WindowConfig.from_settings(), limit=users):
+        ctx = scorer.context(user.state, prompt_signals=recommend.prompt_signals,
+                             targets=user.targets if with_targets else ())
+        rows.append({"user_id": user.user_id, "cold": user.cold,
+                     "prompt": user_prompt(user.state, recommend, user.now), **ctx.to_row()})
     return rows
 
 

@@ -126,8 +126,10 @@ class RewardScorer:
         self.engine.close_sync()
 
     # -- user contexts ---------------------------------------------------------------------
-    def context(self, state: UserState, *, prompt_signals: int, targets: Sequence[str] = ()) -> UserContext:
-        """A user's reward context from the worker's window state.
+    def context(self, state: UserState, *, prompt_signals: int, targets: Sequence[str] = (),
+                utility: bool = True) -> UserContext:
+        """A user's reward context from the worker's window state (``utility`` False: without the
+        other channels' lists, which only the utility reward reads, e.g. for test-time selection).
 
         Interest clusters come from the signals themselves: a clicked article's own
         subcategory, else the subcategory of the article the signal's text retrieves first.
@@ -143,7 +145,7 @@ class RewardScorer:
             elif best := next(hits):
                 clusters.append(self.cluster_of[best[0].news_id])
         return UserContext(tuple(texts), tuple(dict.fromkeys(clusters)), tuple(state.clicked), tuple(targets),
-                           self._base(state))
+                           self._base(state) if utility else ())
 
     def _base(self, state: UserState) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """The user's non-model channel lists, through the serving ``channel_lists``."""

@@ -14,31 +14,30 @@ draw Recall@10 and reward against compute.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from tqdm import tqdm
-
 from evaluation.channels import dataset_trending
 from evaluation.dataset import Dataset
-from evaluation.evaluate import EvalConfig, WindowConfig, build_state, dataset_cutoff, run_evaluation
-from models.prompt import parse_queries
-from streams.recommend import RecommendConfig, user_prompt
+from evaluation.evaluate import (
+    EvalConfig,
+    WindowConfig,
+    build_state,
+    dataset_cutoff,
+    run_evaluation,
+)
+from streams.recommend import RecommendConfig, parse_completion, user_prompt
 from streams.window import UserState
 from training.grpo import GRPORunConfig, train_grpo
 from training.plots import plot_scaling
 from training.rewards import composite_reward
+from training.sampling import SELECTION_WEIGHTS, sample_and_score
 from training.scoring import RewardScorer
 
 log = logging.getLogger(__name__)
-
-# Test-time selection: the paper's five rewards, uniform (utility needs the future).
-SELECTION_WEIGHTS: Mapping[str, float] = {"align": 1.0, "coverage": 1.0, "specificity": 1.0, "diversity": 1.0,
-                                          "format": 1.0}
 
 
 class PromptKeyedQueries:
@@ -57,13 +56,6 @@ class PromptKeyedQueries:
         return [self.by_prompt[user_prompt(s, cfg, now)] for s in states]
 
 
-def best_of(scores: Sequence[float], n: int) -> int:
-    """Index of the best of the first ``n`` scores (the earliest on ties)."""
-    if n < 1 or n > len(scores):
-        raise ValueError(f"n must be in 1..{len(scores)}, got {n}")
-    return max(range(n), key=lambda i: (scores[i], -i))
-
-
 def sampling_study(dataset: Dataset, model_dir: Path, ns: Sequence[int], *, users: int | None = 100,
                    temperature: float = 0.9, top_p: float = 1.0, seed: int = 0, batch_users: int = 8,
                    weights: Mapping[str, float] = SELECTION_WEIGHTS, progress: bool = True) -> dict[str, Any]:
@@ -78,49 +70,37 @@ def sampling_study(dataset: Dataset, model_dir: Path, ns: Sequence[int], *, user
     states = [build_state(dataset.events.get(u, ()), window) for u in chosen_users]
     prompts = [user_prompt(s, rc, now) for s in states]
     scorer = RewardScorer(dataset.news, trending=dataset_trending(dataset))
-    contexts = [scorer.context(s, prompt_signals=rc.prompt_signals) for s in states]
+    contexts = [scorer.context(s, prompt_signals=rc.prompt_signals, utility=False) for s in states]
     lm = OnnxCausalLM(model_dir)
     top = max(ns)
 
-    t0 = time.perf_counter()
-    samples: list[list[str]] = []
-    tokens: list[list[int]] = []
-    for start in tqdm(range(0, len(prompts), batch_users), desc=f"sampling {top}/user", disable=not progress):
-        chunk = prompts[start: start + batch_users]
-        ids = lm.sample_ids(chunk, n=top, max_new_tokens=rc.max_new_tokens, temperature=temperature, top_p=top_p,
-                            seed=seed + start)
-        tokens += [[len(x) for x in per_prompt] for per_prompt in ids]
-        samples += [[lm.tokenizer.decode(x, skip_special_tokens=True) for x in per_prompt] for per_prompt in ids]
-    sample_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    composite = []
-    for ctx, texts in zip(contexts, samples, strict=True):
-        rows = scorer.score(texts, [ctx] * len(texts))
-        composite.append([composite_reward(r, weights) for r in rows])
-    score_s = time.perf_counter() - t1
+    samples = sample_and_score(lm, scorer, prompts, contexts, n=top, max_new_tokens=rc.max_new_tokens,
+                               temperature=temperature, top_p=top_p, seed=seed, batch_prompts=batch_users,
+                               weights=weights, progress=progress)
     greedy = lm.generate(prompts, max_new_tokens=rc.max_new_tokens)
     greedy_scores = [composite_reward(r, weights) for r in scorer.score(greedy, contexts)]
     scorer.close()
 
-    methods = [PromptKeyedQueries("greedy", {p: parse_queries(g, max_queries=rc.max_queries)
-                                             for p, g in zip(prompts, greedy, strict=True)}, lm.version)]
+    methods = [PromptKeyedQueries("greedy", {p: parse_completion(g, rc) for p, g in zip(prompts, greedy, strict=True)},
+                                  lm.version)]
     picks: dict[int, list[int]] = {}
     for n in ns:
-        picks[n] = [best_of(s, n) for s in composite]
-        by_prompt = {p: parse_queries(texts[i], max_queries=rc.max_queries)
-                     for p, texts, i in zip(prompts, samples, picks[n], strict=True)}
+        picks[n] = samples.best(n)
+        by_prompt = {p: parse_completion(texts[i], rc) for p, texts, i in zip(prompts, samples.texts, picks[n],
+                                                                               strict=True)}
         methods.append(PromptKeyedQueries(f"best-of-{n}", by_prompt, lm.version))
     results = run_evaluation(dataset, methods, EvalConfig(samples=len(chosen_users), keep_per_user=False,
                                                           progress=progress))
+    tokens = samples.tokens
     mean_tokens = sum(map(sum, tokens)) / max(1, sum(map(len, tokens)))
     points = [_point("greedy", 1, results["methods"][0], sum(greedy_scores) / len(greedy_scores), mean_tokens)]
     for n, method in zip(ns, results["methods"][1:], strict=True):
-        reward = sum(s[i] for s, i in zip(composite, picks[n], strict=True)) / len(composite)
+        reward = sum(s[i] for s, i in zip(samples.rewards, picks[n], strict=True)) / len(samples.rewards)
         points.append(_point(f"N={n}", n, method, reward, n * mean_tokens) | {"n": n})
     return {"study": "sampling", "model": str(model_dir), "model_version": lm.version,
             "users": len(chosen_users), "temperature": temperature, "top_p": top_p, "seed": seed,
             "selection_weights": dict(weights), "mean_completion_tokens": round(mean_tokens, 1),
-            "timings": {"sampling_s": round(sample_s, 1), "scoring_s": round(score_s, 1)},
+            "timings": {"sampling_s": round(samples.sample_s, 1), "scoring_s": round(samples.score_s, 1)},
             "points": points, "eval": results}
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.dataset import load_dataset
-from evaluation.evaluate import WindowConfig, build_state, dataset_cutoff
+from evaluation.evaluate import WindowConfig, training_users
 from streams.recommend import RecommendConfig, user_prompt
 from training.rewards import STOPWORDS, normalized_idf, query_terms
 
@@ -86,14 +86,12 @@ def demonstrations(cfg: WarmStartConfig, recommend: RecommendConfig) -> list[dic
     dataset = load_dataset(cfg.train_data)
     doc_freq = Counter(t for a in dataset.news for t in set(query_terms(article_text(a))))
     idf = normalized_idf(doc_freq, len(dataset.news))
-    window, now = WindowConfig.from_settings(), dataset_cutoff(dataset)
     rows = []
-    for user in dataset.users[: cfg.users]:
-        state = build_state(dataset.events.get(user, ()), window)
-        texts = [s.text for s in state.signals[: recommend.prompt_signals]]
+    for user in training_users(dataset, WindowConfig.from_settings(), limit=cfg.users):
+        texts = [s.text for s in user.state.signals[: recommend.prompt_signals]]
         completion = demonstration(texts, idf, max_queries=recommend.max_queries)
         if completion.count("\n") + 1 >= cfg.min_queries:
-            rows.append({"prompt": user_prompt(state, recommend, now), "completion": completion})
+            rows.append({"prompt": user_prompt(user.state, recommend, user.now), "completion": completion})
     return rows
 
 
