@@ -25,6 +25,10 @@ from streams.window import UserState
 from training.rewards import composite_reward
 from training.scoring import RewardScorer, UserContext
 
+# Rows (prompts x samples) decoded together: the KV cache grows with rows x tokens, and an
+# unbounded batch (32 users x 8 samples) took over 10 GB here.
+SAMPLE_ROWS = 64
+
 # Test-time selection: the paper's five rewards, uniform (utility needs the future).
 SELECTION_WEIGHTS: Mapping[str, float] = {"align": 1.0, "coverage": 1.0, "specificity": 1.0, "diversity": 1.0,
                                           "format": 1.0}
@@ -57,11 +61,12 @@ class Samples:
 
 def sample_and_score(lm: Any, scorer: RewardScorer, prompts: Sequence[str], contexts: Sequence[UserContext], *,
                      n: int, max_new_tokens: int, temperature: float = 0.9, top_p: float = 1.0, seed: int = 0,
-                     batch_prompts: int = 8, weights: Mapping[str, float] = SELECTION_WEIGHTS,
+                     batch_prompts: int | None = None, weights: Mapping[str, float] = SELECTION_WEIGHTS,
                      progress: bool = False) -> Samples:
     """Sample ``n`` completions per prompt with ``lm`` (``OnnxCausalLM``) and score each one."""
     if len(prompts) != len(contexts):
         raise ValueError(f"{len(prompts)} prompts for {len(contexts)} contexts")
+    batch_prompts = batch_prompts or max(1, SAMPLE_ROWS // n)
     t0 = time.perf_counter()
     texts: list[list[str]] = []
     tokens: list[list[int]] = []
@@ -98,5 +103,5 @@ class BestOfN:
         self._calls += 1  # each batch draws fresh samples, reproducibly
         samples = sample_and_score(self.lm, self.scorer, prompts, contexts, n=self.n,
                                    max_new_tokens=cfg.max_new_tokens, temperature=self.temperature,
-                                   seed=self.seed + 100_003 * self._calls, batch_prompts=len(prompts))
+                                   seed=self.seed + 100_003 * self._calls)
         return [parse_completion(text, cfg) for text in samples.selected()]
