@@ -881,8 +881,12 @@ async def publish_batch(worker: Worker, generated: Generated) -> None:
     metrics, batch = worker.metrics, generated.batch
     t0 = time.perf_counter()
     await _warm_dense(worker, generated.states)
-    fused = await recommend(worker.recall(), generated.states, generated.queries, worker.config)
+    warm_s = time.perf_counter() - t0
+    timings: dict[str, float] = {}
+    fused = await recommend(worker.recall(), generated.states, generated.queries, worker.config, timings=timings)
     metrics.observe("search_batch_ms", (time.perf_counter() - t0) * 1000)
+    if "dense" in timings:  # embedding the signals plus the vector search
+        metrics.observe("dense_batch_ms", (warm_s + timings["dense"]) * 1000)
     if worker.settings.fault_kill_before_publish:  # tests/faults: a crash between model call and publish
         import os
 

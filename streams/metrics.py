@@ -168,6 +168,8 @@ LABELED = {
 HISTOGRAMS = {
     "model_batch_ms": ("model_batch_seconds", "model call per refresh batch"),
     "search_batch_ms": ("search_batch_seconds", "recall channels and fusion per refresh batch"),
+    "dense_batch_ms": ("dense_batch_seconds", ("the dense channel per refresh batch (embedding the signals and "
+                                               "the vector search; part of search_batch)")),
     "refresh_latency_ms": ("refresh_latency_seconds",
                            "end to end: oldest signal of a refresh reaching the worker to its publication"),
 }

@@ -18,6 +18,7 @@ because the Elasticsearch engine is.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from dataclasses import replace as _replace
@@ -216,11 +217,21 @@ def _dense_items(dense: DenseIndex, hits: Sequence[Hit], texts: Sequence[str], v
 
 
 async def channel_lists(recall: Recall, states: Sequence[UserState], queries: Sequence[Sequence[str]],
-                        cfg: RecommendConfig, *, k: int,
-                        candidates: Sequence[Sequence[str]] | None = None) -> list[dict[str, list[FusedItem]]]:
+                        cfg: RecommendConfig, *, k: int, candidates: Sequence[Sequence[str]] | None = None,
+                        timings: dict[str, float] | None = None) -> list[dict[str, list[FusedItem]]]:
     """Every enabled channel's ranked list per user (top ``k``; within ``candidates[u]`` when given).
 
-    Both lexical channels go out in ONE search call."""
+    Both lexical channels go out in ONE search call. ``timings``, when given, receives the
+    seconds spent per edge (``lexical``, ``dense``, ``trending``), for the worker's metrics."""
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        if timings is not None:
+            now = time.perf_counter()
+            timings[name] = timings.get(name, 0.0) + now - clock
+            clock = now
+
     on = cfg.weights
     model_qs = [list(q) if "model" in on else [] for q in queries]
     signal_qs = [signal_queries(s, cfg.signal_queries) if "signals" in on else [] for s in states]
@@ -236,6 +247,7 @@ async def channel_lists(recall: Recall, states: Sequence[UserState], queries: Se
         offset += len(qs)
     lists = [user_lists(model_qs[u], per_group[u], signal_qs[u], per_group[len(states) + u], k)
              for u in range(len(states))]
+    lap("lexical")
     if "dense" in on and recall.dense is not None and recall.dense.count_sync():
         profiles, texts, vecs = dense_profiles(recall.dense, states, cfg.dense_signals)
         live = [u for u in range(len(states)) if texts[u]]
@@ -243,17 +255,19 @@ async def channel_lists(recall: Recall, states: Sequence[UserState], queries: Se
             profiles[live], k=k, within=[candidates[u] for u in live] if candidates is not None else None)
         for u, hits in zip(live, found, strict=True):
             lists[u]["dense"] = _dense_items(recall.dense, hits, texts[u], vecs[u])
+        lap("dense")
     if "trending" in on and recall.trending is not None:
         for u in range(len(states)):
             view = recall.trending if candidates is None else recall.trending.among(candidates[u])
             lists[u]["trending"] = view.top(k)
+        lap("trending")
     return lists
 
 
 async def recommend(recall: Recall, states: Sequence[UserState], queries: Sequence[Sequence[str]],
-                    cfg: RecommendConfig) -> list[list[FusedItem]]:
+                    cfg: RecommendConfig, *, timings: dict[str, float] | None = None) -> list[list[FusedItem]]:
     """Each user's feed: every channel's top ``channel_depth``, fused (:func:`fuse_user`)."""
-    lists = await channel_lists(recall, states, queries, cfg, k=cfg.channel_depth)
+    lists = await channel_lists(recall, states, queries, cfg, k=cfg.channel_depth, timings=timings)
     return [fuse_user(lists[u], cfg, state.clicked) for u, state in enumerate(states)]
 
 

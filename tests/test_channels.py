@@ -112,6 +112,15 @@ async def test_model_only_adds_and_cold_users_get_trending(engine: EmbeddedEngin
     assert {"model", "signals"} <= {c for i in with_model[0] for c in i.channels}
 
 
+async def test_recall_reports_the_time_of_each_edge(engine: EmbeddedEngine, news_articles) -> None:
+    """The worker's dense_batch metric reads these: one entry per edge that ran."""
+    view = TrendingView({news_articles[5].news_id: 0.3})
+    timings: dict[str, float] = {}
+    await recommend(Recall(engine, trending=view), [_state(news_articles[0].title)], [[]], RecommendConfig(),
+                    timings=timings)
+    assert set(timings) == {"lexical", "trending"} and all(t >= 0 for t in timings.values())  # no dense index
+
+
 async def test_rank_orders_exactly_the_candidates(engine: EmbeddedEngine, news_articles) -> None:
     cands = [a.news_id for a in news_articles[:30]]
     ranked = await rank(Recall(engine), [_state(news_articles[7].title)], [[]], [cands], RecommendConfig())

@@ -75,6 +75,7 @@ def test_registry_reads_the_same_numbers_as_stats() -> None:
         m.observe("refresh_latency_ms", ms)
     m.observe("model_batch_ms", 120.0)
     m.observe("search_batch_ms", 8.0)
+    m.observe("dense_batch_ms", 2.0)
 
     samples, types = parse(generate_latest(registry).decode())
     snap = m.snapshot()
@@ -96,6 +97,7 @@ def test_registry_reads_the_same_numbers_as_stats() -> None:
     assert value(samples, "newsrec_model_batch_seconds_bucket", le="0.25") == 1
     assert value(samples, "newsrec_model_batch_seconds_bucket", le="0.1") == 0
     assert value(samples, "newsrec_search_batch_seconds_count") == 1
+    assert value(samples, "newsrec_dense_batch_seconds_sum") == pytest.approx(0.002)
     # Live values: queue, model channel, version, lag.
     assert value(samples, "newsrec_refresh_queue_size") == 3 and types["newsrec_refresh_queue_size"] == "gauge"
     assert value(samples, "newsrec_refresh_in_flight") == 2

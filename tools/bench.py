@@ -195,6 +195,7 @@ def bench_engine(engine: str, *, events: int, users: int, rate: float, model_dir
     summaries = stats["summaries"]
     return {"engine": engine, "documents": len(articles), "paced": paced, "burst": burst,
             "model_batch_ms": summaries.get("model_batch_ms"), "search_batch_ms": summaries.get("search_batch_ms"),
+            "dense_batch_ms": summaries.get("dense_batch_ms"),
             "batch_users": summaries.get("batch_users"),
             "paced_model_batch_ms": stats_paced["summaries"].get("model_batch_ms"),
             "worker_paced": stats_paced, "worker_total": stats}
@@ -238,16 +239,18 @@ def run_pipeline_bench(*, events: int, users: int, engines: list[str], out: Path
 def format_table(results: list[dict[str, Any]]) -> str:
     head = ("| engine | docs | paced ev/s | e2e immediate p50/p99 ms (n) | e2e debounced p50/p99 ms (n) "
             "| model batch p50/p99 ms | users/batch p50 | search batch p50/p99 ms | immediate p99 / model p99 "
-            "| burst ev/s sustained |")
-    rows = [head, "|---" * 10 + "|"]
+            "| dense share of search (mean) | burst ev/s sustained |")
+    rows = [head, "|---" * 11 + "|"]
     for r in results:
         paced, pm = r["paced"], r["paced_model_batch_ms"] or {}
         s, b, imm, deb = r["search_batch_ms"] or {}, r["batch_users"] or {}, paced["e2e_immediate_ms"], \
             paced["e2e_debounced_ms"]
         ratio = imm["p99"] / pm["p99"] if pm.get("p99") and imm["p99"] else None
+        d = r.get("dense_batch_ms") or {}
+        dense_share = f"{d['mean'] / s['mean']:.0%}" if d.get("mean") and s.get("mean") else "–"
         rows.append(
             f"| {r['engine']} | {r['documents']} | {paced['events_per_s']} "
             f"| {imm['p50']} / {imm['p99']} ({imm['count']}) | {deb['p50']} / {deb['p99']} ({deb['count']}) "
             f"| {_r(pm.get('p50'))} / {_r(pm.get('p99'))} | {b.get('p50')} | {_r(s.get('p50'))} / {_r(s.get('p99'))} "
-            f"| {ratio and round(ratio, 2)} | {r['burst']['events_per_s']} |")
+            f"| {ratio and round(ratio, 2)} | {dense_share} | {r['burst']['events_per_s']} |")
     return "\n".join(rows)
