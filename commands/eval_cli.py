@@ -130,7 +130,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _resolve(spec: str, dataset: Any) -> Any:
     """A --model: a baseline, a model dir, or ``best-of-N:M`` (model M sampled N times per user,
     the best completion by the test-time rewards over this dataset's corpus served)."""
-    from evaluation.baselines import bootstrap_model_dir, resolve_method
+    from evaluation.baselines import onnx_model_dir, resolve_method
 
     match = re.fullmatch(r"best-of-(\d+):(.+)", spec)
     if match is None:
@@ -140,7 +140,7 @@ def _resolve(spec: str, dataset: Any) -> Any:
     from training.scoring import RewardScorer
 
     n, model = int(match[1]), match[2]
-    model_dir = bootstrap_model_dir() if model == "bootstrap" else Path(model)
+    model_dir = onnx_model_dir(model)
     if not model_dir.is_dir():
         raise ValueError(f"--model {spec}: {model_dir} is not an ONNX model directory (or 'bootstrap')")
     return BestOfN(OnnxCausalLM(model_dir), RewardScorer(dataset.news), n)

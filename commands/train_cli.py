@@ -142,15 +142,11 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
+    from evaluation.baselines import onnx_model_dir
     from training.distill import DistillConfig, distill
-
     from training.grpo import resolve_base_model
 
-    teacher_onnx = args.teacher_onnx
-    if teacher_onnx is not None and str(teacher_onnx) == "bootstrap":
-        from evaluation.baselines import bootstrap_model_dir
-
-        teacher_onnx = bootstrap_model_dir()
+    teacher_onnx = onnx_model_dir(args.teacher_onnx) if args.teacher_onnx is not None else None
     cfg = DistillConfig(teacher=resolve_base_model(str(args.teacher)), train_data=tuple(args.data), output_dir=args.out,
                         student_layers=args.student_layers, method=args.method, student_init=args.student_init,
                         teacher_samples=args.teacher_samples, teacher_onnx=teacher_onnx, train_users=args.users,

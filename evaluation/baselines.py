@@ -128,6 +128,11 @@ def bootstrap_model_dir() -> Path:
     return model_dir
 
 
+def onnx_model_dir(spec: str | Path) -> Path:
+    """``bootstrap`` (the packaged zero-shot SmolLM2, exported on first use) or a model directory."""
+    return bootstrap_model_dir() if str(spec) == "bootstrap" else Path(spec)
+
+
 def resolve_method(spec: str, news: Sequence[NewsArticle], events: Mapping[str, Sequence[UserEvent]],
                    *, intra_op_threads: int | None = None) -> Method:
     """``lexical`` | ``popular`` | ``bootstrap`` (prompt-only SmolLM2) | an ONNX model directory."""

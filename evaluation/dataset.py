@@ -46,6 +46,9 @@ class DatasetError(ValueError):
     """The dataset directory is not in the documented format; the message says where."""
 
 
+COLD_HISTORY = 5  # a user with fewer past clicks (or signals) than this is cold
+
+
 class Target(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from evaluation.baselines import Method
-from evaluation.dataset import EVENTS_FILE, HOLDOUT_DAYS, NEWS_FILE, TARGETS_FILE, Dataset, holdout_cutoff
+from evaluation.dataset import COLD_HISTORY, EVENTS_FILE, HOLDOUT_DAYS, NEWS_FILE, TARGETS_FILE, Dataset, holdout_cutoff
 from evaluation.metrics import aggregate, hit_rate_at_k, interest_coverage, mrr, ndcg_at_k, query_diversity, recall_at_k
 from index.base import SearchEngine
 from index.dense import DenseIndex, MiniLMEmbedder
@@ -126,7 +126,7 @@ def training_users(dataset: Dataset, window: WindowConfig, *, holdout_days: floa
             state = build_state([e for e in dataset.events.get(imp.user_id, ()) if e.ts < imp.ts], window)
             target = dataset.targets.get(imp.user_id)
             users.append(TrainingUser(imp.user_id, state, imp.ts, tuple(imp.clicked),
-                                      target.cold if target else len(state.signals) < 5))
+                                      target.cold if target else len(state.signals) < COLD_HISTORY))
         return users
     now = dataset_cutoff(dataset)
     return [TrainingUser(u, build_state(dataset.events.get(u, ()), window), now, tuple(dataset.targets[u].news_ids),

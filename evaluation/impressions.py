@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from evaluation.baselines import QueryMethod
 from evaluation.channels import ChannelEvalConfig, variants
-from evaluation.dataset import HOLDOUT_DAYS, Dataset, Impression, holdout_cutoff
+from evaluation.dataset import COLD_HISTORY, HOLDOUT_DAYS, Dataset, Impression, holdout_cutoff
 from evaluation.evaluate import build_state
 from evaluation.metrics import bootstrap_ci, impression_auc, impression_mrr, impression_ndcg
 from index.base import SearchEngine
@@ -119,7 +119,7 @@ async def evaluate_impressions(dataset: Dataset, engine: SearchEngine, dense: De
         features.append(candidate_features(lists, cands, view.popularity, view.now, categories=categories,
                                            history=history))
         per_imp.append({"i": i, "held_out": imp.ts > cutoff, "model": i in model_rows, "lists": lists,
-                        "cands": cands, "clicked": set(imp.clicked), "cold": len(states[i].signals) < 5})
+                        "cands": cands, "clicked": set(imp.clicked), "cold": len(states[i].signals) < COLD_HISTORY})
 
     channels = [c for c in rc.weights if c != "model" or method is not None]
     # With a model, every variant is scored on the held-out impressions it wrote queries for,

@@ -31,11 +31,10 @@ from typing import Any, Literal
 
 from evaluation.behaviors import BehaviorsReadStats, read_mind_behaviors
 from evaluation.behaviors import Impression as MindRow
-from evaluation.dataset import Impression, Target
+from evaluation.dataset import COLD_HISTORY, Impression, Target
 from index.corpus import read_mind_news
 from streams.contracts import NewsArticle, UserEvent
 
-COLD_HISTORY = 5  # a user with fewer history clicks than this is cold
 CLICK_SPACING = timedelta(minutes=1)  # synthetic time between two history clicks
 
 

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from evaluation.dataset import load_dataset
-from evaluation.evaluate import WindowConfig, training_users
+from evaluation.dataset import Dataset, load_dataset
+from evaluation.evaluate import TrainingUser, WindowConfig, training_users
 from streams.recommend import RecommendConfig, user_prompt
 from streams.settings import ConfigError
 
@@ -84,11 +84,13 @@ class DistillConfig:
             raise ConfigError("bad distillation config:\n  - " + "\n  - ".join(problems))
 
 
-def training_prompts(data: Path, users: int | None) -> list[str]:
-    """The worker's prompt for each training user (``training_users``: no held-out user)."""
+def _training_set(data: Path, users: int | None) -> tuple[Dataset, list[TrainingUser], list[str]]:
+    """The dataset, its training users (``training_users``: no held-out user) and the worker's
+    prompt for each."""
     dataset = load_dataset(data)
     rc = RecommendConfig.from_settings()
-    return [user_prompt(u.state, rc, u.now) for u in training_users(dataset, WindowConfig.from_settings(), limit=users)]
+    chosen = training_users(dataset, WindowConfig.from_settings(), limit=users)
+    return dataset, chosen, [user_prompt(u.state, rc, u.now) for u in chosen]
 
 
 def best_of_n_completions(cfg: DistillConfig, data: Path, teacher_onnx: Path, *,
@@ -99,10 +101,8 @@ def best_of_n_completions(cfg: DistillConfig, data: Path, teacher_onnx: Path, *,
     from training.sampling import sample_and_score
     from training.scoring import RewardScorer
 
-    dataset = load_dataset(data)
+    dataset, users, prompts = _training_set(data, cfg.train_users)
     rc = RecommendConfig.from_settings()
-    users = training_users(dataset, WindowConfig.from_settings(), limit=cfg.train_users)
-    prompts = [user_prompt(u.state, rc, u.now) for u in users]
     scorer = RewardScorer(dataset.news)
     try:
         contexts = [scorer.context(u.state, prompt_signals=rc.prompt_signals, utility=False) for u in users]
@@ -158,7 +158,9 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    prompts = [p for data in cfg.train_data for p in training_prompts(data, cfg.train_users)]
+    # The sequence method builds its prompts beside the teacher's samples (below).
+    prompts = [] if cfg.method == "sequence" else [p for data in cfg.train_data
+                                                   for p in _training_set(data, cfg.train_users)[2]]
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
     student = load_policy(cfg.student_init or cfg.teacher, layers=cfg.student_layers)
     teacher_layers = int(json.loads((cfg.teacher / "config.json").read_text())["num_hidden_layers"])
@@ -174,7 +176,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> dict[str, Any]:
     elif cfg.method == "sequence":
         teacher_onnx = cfg.teacher_onnx or export_run(cfg.teacher, out / "teacher-onnx", name="teacher",
                                                       version=f"teacher-{cfg.teacher.name}", parent=None)
-        prompts, completions = [], []
+        completions = []
         for data in cfg.train_data:
             p, c, stats = best_of_n_completions(cfg, data, Path(teacher_onnx), progress=progress)
             prompts += p
