@@ -47,6 +47,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from index.base import SearchEngine
 from models.manifest import ModelIntegrityError
+from streams import faust_transport
 from streams.contracts import (
     DeadLetter,
     RecItem,
@@ -382,9 +383,7 @@ def create_worker(settings: WorkerSettings, model: QueryModel, engine: SearchEng
     partitions = settings.topic_partitions
     datadir = settings.state_dir / "faust" / settings.app_id
     datadir.mkdir(parents=True, exist_ok=True)
-    scheme = "kafka"
-    if settings.broker_profile == "local":
-        from streams.local_transport import SCHEME as scheme
+    scheme = faust_transport.LOCAL_SCHEME if settings.broker_profile == "local" else faust_transport.SCHEME
     app = faust.App(
         settings.app_id,
         broker=[f"{scheme}://{h}" for h in settings.kafka_bootstrap.split(",")],
