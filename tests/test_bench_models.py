@@ -14,6 +14,7 @@ from models.runtime import OnnxCausalLM
 from models.torch_lm import TorchCausalLM
 from tools.bench_models import (
     FAST,
+    STOP,
     ONNX_FP32,
     ONNX_INT4,
     ONNX_INT8,
@@ -25,10 +26,12 @@ from tools.bench_models import (
     target_checks,
 )
 
-MEASURED = [TEACHER, STUDENT, ONNX_FP32, ONNX_FP32 + FAST, ONNX_INT8, ONNX_INT8 + FAST]
+MEASURED = [TEACHER, STUDENT, ONNX_FP32, ONNX_FP32 + STOP, ONNX_FP32 + FAST, ONNX_INT8, ONNX_INT8 + STOP,
+            ONNX_INT8 + FAST]
 RATIO_KEYS = {
     "student_vs_teacher_users_per_s", "served_student", "served_vs_teacher_users_per_s", "onnx_vs_torch_users_per_s",
     "int8_vs_fp32_users_per_s", "int4_vs_fp32_users_per_s", "int4_vs_int8_users_per_s", "fast_vs_plain_users_per_s",
+    "stop_vs_plain_users_per_s", "stop_minus_plain_recall@10",
     "served_vs_torch_users_per_s", "student_vs_teacher_recall@10", "int8_minus_fp32_recall@10",
     "int4_minus_fp32_recall@10", "fast_minus_plain_recall@10",
 }
@@ -58,7 +61,7 @@ def test_bench_models_plain_and_fast_with_eval(tiny_model_dir: Path, tiny_int8_d
                           "--fast")
     assert code == 0
     assert list(report["models"]) == list(ROLES) and report["prompts"]["source"] == "dataset"
-    assert [r for r in ROLES if report["models"][r]["skipped"]] == [ONNX_INT4, ONNX_INT4 + FAST]
+    assert [r for r in ROLES if report["models"][r]["skipped"]] == [ONNX_INT4, ONNX_INT4 + STOP, ONNX_INT4 + FAST]
     for role in MEASURED:
         row = report["models"][role]
         assert row["skipped"] is None and row["runtime"] == ("onnx" if "onnx" in role else "torch")
@@ -69,8 +72,10 @@ def test_bench_models_plain_and_fast_with_eval(tiny_model_dir: Path, tiny_int8_d
         assert row["eval"]["users"] == 4
         assert 0 <= row["eval"]["recall@10"] <= 1 and 0 <= row["eval"]["ndcg@10"] <= 1
     assert report["models"][ONNX_INT8]["version"].endswith("-int8")
-    assert report["models"][ONNX_INT8 + FAST]["fast"] is True and report["models"][ONNX_INT8]["fast"] is False
+    assert [report["models"][ONNX_INT8 + v]["variant"] for v in ("", STOP, FAST)] == ["plain", "stop", "lookup+stop"]
     assert report["models"][ONNX_FP32 + FAST]["batches"]["2"]["passes_per_batch"] >= 1
+    # Without drafts a row makes at most one forward pass per new token.
+    assert report["models"][ONNX_FP32 + STOP]["batches"]["2"]["passes_per_batch"] <= 48
 
     ratios = report["ratios"]
     assert set(ratios) == RATIO_KEYS
@@ -79,8 +84,10 @@ def test_bench_models_plain_and_fast_with_eval(tiny_model_dir: Path, tiny_int8_d
     assert ratios["served_student"]["2"] in MEASURED[1:]
     assert ratios["int8_minus_fp32_recall@10"] is not None and ratios["int4_minus_fp32_recall@10"] is None
     assert all(v > 0 for v in ratios["fast_vs_plain_users_per_s"][ONNX_INT8].values())
+    assert all(v > 0 for v in ratios["stop_vs_plain_users_per_s"][ONNX_INT8].values())
     # The stop after the configured queries keeps the parsed queries: the same Recall.
     assert ratios["fast_minus_plain_recall@10"][ONNX_FP32] in (0.0, None)
+    assert ratios["stop_minus_plain_recall@10"][ONNX_FP32] in (0.0, None)
     # Teacher and student are the same model here: same greedy queries, same Recall (None if it is 0).
     assert ratios["student_vs_teacher_recall@10"] in (1.0, None)
     assert len(report["targets"]) == 7
@@ -88,7 +95,7 @@ def test_bench_models_plain_and_fast_with_eval(tiny_model_dir: Path, tiny_int8_d
 
     printed = capsys.readouterr().out
     assert "| student (ONNX int8) |" in printed and "ONNX fp32 / torch users/s (batch 2)" in printed
-    assert "| student (ONNX int8) + lookup + stop |" in printed
+    assert "| student (ONNX int8) + lookup + stop |" in printed and "| student (ONNX int8) + stop |" in printed
 
 
 def test_bench_skips_models_not_given(tiny_model_dir: Path, tmp_path: Path,
@@ -110,7 +117,7 @@ def test_ratios_and_targets_from_rows() -> None:
         return {"skipped": None, "batches": {"8": {"users_per_s": users_per_s}}, "eval": {"recall@10": recall}}
 
     rows = {TEACHER: row(1.0, 0.40), STUDENT: row(10.0, 0.39), ONNX_FP32: row(25.0, 0.39), ONNX_INT8: row(40.0, 0.375),
-            ONNX_INT4: row(50.0, 0.385), ONNX_INT4 + FAST: row(75.0, 0.385)}
+            ONNX_INT4: row(50.0, 0.385), ONNX_INT4 + STOP: row(60.0, 0.385), ONNX_INT4 + FAST: row(75.0, 0.385)}
     ratios = compute_ratios(rows, (8,))
     assert ratios["student_vs_teacher_users_per_s"] == {"8": 10.0}
     assert ratios["served_student"] == {"8": ONNX_INT4 + FAST} and ratios["served_vs_teacher_users_per_s"] == {"8": 75.0}
@@ -122,6 +129,8 @@ def test_ratios_and_targets_from_rows() -> None:
     assert ratios["student_vs_teacher_recall@10"] == 0.975 and ratios["int8_minus_fp32_recall@10"] == -0.015
     assert ratios["int4_minus_fp32_recall@10"] == -0.005
     assert ratios["fast_minus_plain_recall@10"] == {ONNX_FP32: None, ONNX_INT8: None, ONNX_INT4: 0.0}
+    assert ratios["stop_vs_plain_users_per_s"] == {ONNX_FP32: {"8": None}, ONNX_INT8: {"8": None},
+                                                   ONNX_INT4: {"8": 1.2}}
     met = {t["name"]: t["met"] for t in target_checks(ratios, (8,))}
     assert met == {"student Recall@10 / teacher": True, "served student users/s / teacher (batch 8)": True,
                    "served student / student torch users/s (batch 8)": True,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from index.corpus import read_mind_news
-from index.dense import DenseIndex, MiniLMEmbedder, article_text
+from index.dense import ONNX_PARITY_ATOL, DenseIndex, MiniLMEmbedder, article_text
 from streams.contracts import NewsArticle
 
 
@@ -101,6 +101,28 @@ def test_delete_removes_articles_from_searches(embedder) -> None:
     assert index.count_sync() == 2 and not index.has("D0") and index.has("D1")
     assert index.search_many_sync(["electric vehicles"], k=3)[0][0].news_id != "D0"
     assert sorted(h.news_id for h in index.search_many_sync(["football"], k=5)[0]) == ["D1", "D2"]
+
+
+def test_onnx_runtime_gives_torchs_vectors_and_exports_once(embedder: MiniLMEmbedder, tmp_path) -> None:
+    texts = ["short", "a much longer sentence about the federal reserve raising interest rates again", ""]
+    onnx_dir = tmp_path / "minilm-onnx"
+    onnx = MiniLMEmbedder(onnx_dir=onnx_dir)  # exports, checks parity, renames into place
+    assert onnx.runtime == "onnx" and (onnx_dir / "model.onnx").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name != "minilm-onnx"]  # no staging left behind
+    assert np.allclose(onnx.encode(texts), embedder.encode(texts), atol=ONNX_PARITY_ATOL)
+    made = (onnx_dir / "model.onnx").stat().st_mtime_ns
+    again = MiniLMEmbedder(onnx_dir=onnx_dir, batch_size=1)  # another process: reuses the export
+    assert (onnx_dir / "model.onnx").stat().st_mtime_ns == made
+    assert np.allclose(again.encode(texts), onnx.encode(texts), atol=1e-5)
+
+
+def test_a_worker_embeds_with_onnx_unless_told_torch(tmp_path) -> None:
+    from streams.settings import WorkerSettings
+
+    store = tmp_path / "cache" / "vectors.sqlite"
+    onnx = WorkerSettings(embedding_store=store).minilm_embedder()
+    assert onnx.runtime == "onnx" and (store.parent / "minilm-onnx" / "model.onnx").is_file()
+    assert WorkerSettings(embedding_store=store, embedding_runtime="torch").minilm_embedder().runtime == "torch"
 
 
 def test_embedding_store_is_shared_across_embedders(tmp_path) -> None:

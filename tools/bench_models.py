@@ -1,7 +1,8 @@
 """``newsrec bench models``: teacher vs student, torch vs ONNX fp32/int8/int4, side by side.
 
-With ``fast`` every ONNX model is measured twice: plain greedy decoding, and with prompt-lookup
-drafting plus the stop after ``max_queries`` queries (``models.runtime``), the served runtime.
+With ``fast`` every ONNX model is measured three times: plain greedy decoding, with the stop
+after ``max_queries`` queries, and with prompt-lookup drafting plus that stop
+(``models.runtime``); the fastest student variant is the served runtime.
 
 Each model runs in a fresh interpreter, so its peak RSS is its own: load, then per
 batch size one warm-up batch and ``repeats`` timed batches of greedy generation (users/s and
@@ -36,12 +37,15 @@ log = logging.getLogger(__name__)
 DEFAULT_OUT = Path("bench-results/models.json")
 TEACHER, STUDENT, ONNX_FP32, ONNX_INT8 = "teacher_torch", "student_torch", "student_onnx_fp32", "student_onnx_int8"
 ONNX_INT4 = "student_onnx_int4"
+STOP = "_stop"  # role suffix: early stop after max_queries queries
 FAST = "_fast"  # role suffix: prompt lookup + early stop
+VARIANTS = {"": "plain", STOP: "stop", FAST: "lookup+stop"}
 ONNX_ROLES = (ONNX_FP32, ONNX_INT8, ONNX_INT4)
 LABELS = {TEACHER: "teacher (torch)", STUDENT: "student (torch)", ONNX_FP32: "student (ONNX fp32)",
           ONNX_INT8: "student (ONNX int8)", ONNX_INT4: "student (ONNX int4)"}
+LABELS |= {role + STOP: f"{LABELS[role]} + stop" for role in ONNX_ROLES}
 LABELS |= {role + FAST: f"{LABELS[role]} + lookup + stop" for role in ONNX_ROLES}
-ROLES = (TEACHER, STUDENT, *(r + suffix for r in ONNX_ROLES for suffix in ("", FAST)))
+ROLES = (TEACHER, STUDENT, *(r + suffix for r in ONNX_ROLES for suffix in VARIANTS))
 # The batch size the ONNX-vs-torch target is stated at (the worker's micro-batches are small).
 TARGET_BATCH = 8
 
@@ -51,7 +55,7 @@ class BenchModel:
     role: str
     runtime: Literal["torch", "onnx"]
     path: Path
-    fast: bool = False  # ONNX: prompt lookup + stop after max_queries
+    variant: Literal["plain", "stop", "lookup+stop"] = "plain"  # ONNX decoding: see VARIANTS
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class BenchConfig:
     threads: int | None = None  # None: each runtime's default
     data: Path | None = None
     users: int = 100  # evaluated users (the first N targets) when ``data`` is set
-    max_queries: int = 5  # the fast runtime's early stop (the worker's NEWSREC_MAX_QUERIES)
+    max_queries: int = 5  # the stop variants' query count (the worker's NEWSREC_MAX_QUERIES)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # ONNX execution provider
 
 
@@ -107,8 +111,8 @@ def _load(model: BenchModel, cfg: BenchConfig) -> Any:
 
         providers = {"auto": "auto", "cpu": [CPU], "cuda": [CUDA, CPU]}[cfg.device]
         lm = OnnxCausalLM(model.path, providers=providers, intra_op_threads=cfg.threads,
-                          prompt_lookup=PromptLookup() if model.fast else None,
-                          max_queries=cfg.max_queries if model.fast else None)
+                          prompt_lookup=PromptLookup() if model.variant == "lookup+stop" else None,
+                          max_queries=cfg.max_queries if model.variant != "plain" else None)
         if cfg.device == "cuda" and lm.providers[0] != CUDA:
             raise RuntimeError(f"--device cuda: {model.path} runs on {lm.providers}")
         return lm
@@ -169,7 +173,7 @@ def measure_model(model: BenchModel, prompts: list[str], cfg: BenchConfig) -> di
     # Peak before evaluation: the search index and harness are not the model's memory.
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     row: dict[str, Any] = {
-        "role": model.role, "runtime": model.runtime, "path": str(model.path), "fast": model.fast,
+        "role": model.role, "runtime": model.runtime, "path": str(model.path), "variant": model.variant,
         "version": lm.version,
         "providers": getattr(lm, "providers", ["torch-cpu"]), "load_s": round(load_s, 2),
         "rss_before_load_mb": round(rss_before, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
@@ -230,12 +234,15 @@ def compute_ratios(rows: dict[str, dict[str, Any]], batch_sizes: tuple[int, ...]
         "int8_vs_fp32_users_per_s": {str(b): per_size(ONNX_INT8, ONNX_FP32, b) for b in batch_sizes},
         "int4_vs_fp32_users_per_s": {str(b): per_size(ONNX_INT4, ONNX_FP32, b) for b in batch_sizes},
         "int4_vs_int8_users_per_s": {str(b): per_size(ONNX_INT4, ONNX_INT8, b) for b in batch_sizes},
+        "stop_vs_plain_users_per_s": {role: {str(b): per_size(role + STOP, role, b) for b in batch_sizes}
+                                      for role in ONNX_ROLES},
         "fast_vs_plain_users_per_s": {role: {str(b): per_size(role + FAST, role, b) for b in batch_sizes}
                                       for role in ONNX_ROLES},
         "served_vs_torch_users_per_s": {str(b): per_size(served[b], STUDENT, b) for b in batch_sizes},
         "student_vs_teacher_recall@10": _ratio(_recall(rows.get(STUDENT)), _recall(rows.get(TEACHER))),
         "int8_minus_fp32_recall@10": recall_drop(ONNX_INT8),
         "int4_minus_fp32_recall@10": recall_drop(ONNX_INT4),
+        "stop_minus_plain_recall@10": {role: recall_drop(role + STOP, role) for role in ONNX_ROLES},
         "fast_minus_plain_recall@10": {role: recall_drop(role + FAST, role) for role in ONNX_ROLES},
     }
 
@@ -322,9 +329,10 @@ def format_table(report: dict[str, Any]) -> str:
                        ("int4_vs_int8_users_per_s", "student ONNX int4 / int8"),
                        ("served_vs_torch_users_per_s", "served student / student torch")):
         lines.append(f"| {label} | " + " | ".join(_fmt(ratios[key][str(b)]) for b in sizes) + " |")
-    for role, per_size in ratios["fast_vs_plain_users_per_s"].items():
-        lines.append(f"| {LABELS[role]}: lookup + stop / plain | " + " | ".join(_fmt(per_size[str(b)]) for b in sizes)
-                     + " |")
+    for key, what in (("stop_vs_plain_users_per_s", "stop"), ("fast_vs_plain_users_per_s", "lookup + stop")):
+        for role, per_size in ratios[key].items():
+            lines.append(f"| {LABELS[role]}: {what} / plain | " + " | ".join(_fmt(per_size[str(b)]) for b in sizes)
+                         + " |")
     served = ", ".join(f"b={b}: {LABELS[r] if r else '–'}" for b, r in ratios["served_student"].items())
     lines += [f"(served student = the fastest student variant: {served})"]
     lines += ["", "| target | value | target | met |", "|---|---:|---|---|"]
