@@ -43,9 +43,9 @@ each is a "first step" of a longer prompt and the share has ~30 decisions behind
 (on SmolLM2 the second parity prompt's first token is a near-tie in fp32, 30.75 vs 30.62, and
 int8 flips it: first-step agreement over the 2 prompts alone would read 50%). A working int8
 model agrees on 80-100% (SmolLM2-135M: 1.00 of 25 positions with 7-bit weights, 0.88 with
-full-range weights on a VNNI host, other settings above 0.84-0.92; the tiny random test model ~0.9); a broken one (wrong scales, a mis-wired
-graph) picks near-random tokens out of a 49k vocabulary and agrees on almost none. 0.5 sits
-far from both.
+full-range weights on a VNNI host, other settings above 0.84-0.92; the tiny random test model
+~0.9); a broken one (wrong scales, a mis-wired graph, saturating kernels: 0.32) picks mostly
+wrong tokens out of a 49k vocabulary. 0.5 sits between.
 
 Int4 (``quantize_int4``, ``newsrec export --int4``): weight-only, with onnxruntime's own
 ``MatMulNBitsQuantizer`` (round-to-nearest, asymmetric, one scale + zero point per block of
