@@ -344,6 +344,27 @@ class OnnxCausalLM:
         logits, _ = self._run(input_ids, attention_mask, position_ids, self._empty_past(len(prompts)))
         return logits[:, -1, :]
 
+    def _prefill_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        """The prefill of a left-padded batch, one row at a time: (last-position logits
+        (batch, 1, vocab), the batch's cache left-padded to the longest prompt).
+
+        On a CPU the cost of a pass is the positions it computes, and a padded batch computes
+        every row at the longest prompt's length (worker prompts: 65-397 tokens, 58% padding
+        in a batch of 8). The pad slots of the cache stay zero and masked, as a padded pass
+        leaves them (masked), so the decode loop after it is unchanged."""
+        batch, width = input_ids.shape
+        heads, head_dim = self._past_shape
+        past = {name: np.zeros((batch, heads, width, head_dim), dtype=self._past_dtype) for name in self._past_names}
+        logits = []
+        for r, n in enumerate(attention_mask.sum(axis=1).tolist()):
+            ids = input_ids[r : r + 1, width - n :]
+            row_logits, present = self._run(ids, np.ones_like(ids), np.arange(n, dtype=np.int64)[None, :],
+                                            self._empty_past(1))
+            logits.append(row_logits[:, -1:])
+            for name, value in present.items():
+                past[name][r, :, width - n :] = value.numpy()[0]
+        return np.concatenate(logits), past
+
     def _ends_list(self, token: int, ids: list[int]) -> bool:
         """True when ``token`` (just appended to ``ids``) ends the ``max_queries``-th query's line."""
         if token not in self._newline_ids:
@@ -379,7 +400,10 @@ class OnnxCausalLM:
         prefill_s = 0.0
         while True:
             width = input_ids.shape[1] if passes else 1  # the prefill verifies nothing
-            logits, past = self._run(input_ids, attention_mask, position_ids, past, last=width)
+            if passes == 0 and self._device == "cpu" and batch > 1:
+                logits, past = self._prefill_rows(input_ids, attention_mask)
+            else:
+                logits, past = self._run(input_ids, attention_mask, position_ids, past, last=width)
             passes += 1
             if passes == 1:
                 prefill_s = time.perf_counter() - t0

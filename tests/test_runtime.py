@@ -3,6 +3,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from models import export as export_mod
@@ -128,6 +129,24 @@ def test_batched_generation_matches_single(lm: OnnxCausalLM) -> None:
     assert all(len(ids) > 0 for ids in batched)
     # Also in a different batch order (padding differs per row).
     assert lm.generate_ids(PROMPTS[::-1], max_new_tokens=12) == single[::-1]
+
+
+def test_row_prefill_equals_the_padded_batch_pass(lm: OnnxCausalLM) -> None:
+    # The CPU prefill runs each row alone (no pad positions computed); it must leave the
+    # logits and the (masked, left-padded) cache that one padded batch pass leaves.
+    input_ids, mask = lm._encode(PROMPTS)
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    padded_logits, padded_past = lm._run(input_ids, mask, positions, lm._empty_past(len(PROMPTS)))
+    row_logits, row_past = lm._prefill_rows(input_ids, mask)
+    np.testing.assert_allclose(row_logits, padded_logits, atol=1e-4)
+    assert set(row_past) == set(padded_past)
+    real = mask.astype(bool)  # (batch, seq): only these cache slots are ever attended to
+    for name, value in padded_past.items():
+        padded = value.numpy()
+        assert row_past[name].shape == padded.shape
+        np.testing.assert_allclose(row_past[name].transpose(0, 2, 1, 3)[real], padded.transpose(0, 2, 1, 3)[real],
+                                   atol=1e-4)
+        assert not row_past[name].transpose(0, 2, 1, 3)[~real].any()
 
 
 def test_generate_text_and_stats(lm: OnnxCausalLM) -> None:
