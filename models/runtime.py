@@ -351,13 +351,21 @@ class OnnxCausalLM:
         On a CPU the cost of a pass is the positions it computes, and a padded batch computes
         every row at the longest prompt's length (worker prompts: 65-397 tokens, 58% padding
         in a batch of 8). The pad slots of the cache stay zero and masked, as a padded pass
-        leaves them (masked), so the decode loop after it is unchanged."""
+        leaves them (masked), so the decode loop after it is unchanged. A row that repeats an
+        earlier one (best-of-N sampling feeds each prompt N times) copies its logits and cache."""
         batch, width = input_ids.shape
         heads, head_dim = self._past_shape
         past = {name: np.zeros((batch, heads, width, head_dim), dtype=self._past_dtype) for name in self._past_names}
         logits = []
+        first_row: dict[bytes, int] = {}  # a row's real tokens -> the row that computed them
         for r, n in enumerate(attention_mask.sum(axis=1).tolist()):
             ids = input_ids[r : r + 1, width - n :]
+            same = first_row.setdefault(ids.tobytes(), r)
+            if same != r:
+                logits.append(logits[same])
+                for value in past.values():
+                    value[r] = value[same]
+                continue
             row_logits, present = self._run(ids, np.ones_like(ids), np.arange(n, dtype=np.int64)[None, :],
                                             self._empty_past(1))
             logits.append(row_logits[:, -1:])

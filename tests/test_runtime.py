@@ -149,6 +149,25 @@ def test_row_prefill_equals_the_padded_batch_pass(lm: OnnxCausalLM) -> None:
         assert not row_past[name].transpose(0, 2, 1, 3)[~real].any()
 
 
+def test_row_prefill_computes_a_repeated_prompt_once(lm: OnnxCausalLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Best-of-N feeds each prompt N times: one pass per distinct prompt, the same result.
+    rows = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[0]]
+    input_ids, mask = lm._encode(rows)
+    expected_logits, expected_past = lm._prefill_rows(input_ids[[0, 1]], mask[[0, 1]])
+    passes = []
+    run = lm._run
+    monkeypatch.setattr(lm, "_run", lambda ids, *a, **kw: passes.append(ids.shape) or run(ids, *a, **kw))
+    row_logits, row_past = lm._prefill_rows(input_ids, mask)
+    assert len(passes) == 2
+    width = input_ids.shape[1]
+    for r, src in enumerate([0, 1, 0, 1, 0]):
+        np.testing.assert_array_equal(row_logits[r], expected_logits[src])
+        for name, value in row_past.items():  # the same cache, aligned to this batch's width
+            n = int(mask[r].sum())
+            np.testing.assert_array_equal(value[r, :, width - n:], expected_past[name][src, :, -n:])
+            assert not value[r, :, : width - n].any()
+
+
 def test_generate_text_and_stats(lm: OnnxCausalLM) -> None:
     texts = lm.generate(PROMPTS, max_new_tokens=5)
     ids = lm.generate_ids(PROMPTS, max_new_tokens=5)
