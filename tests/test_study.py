@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from evaluation.dataset import load_dataset
+from models.runtime import OnnxCausalLM
 from streams.recommend import RecommendConfig, user_prompt
 from streams.window import UserState
 from training.grpo import GRPORunConfig
@@ -34,8 +35,15 @@ def test_prompt_keyed_queries_serve_by_the_users_prompt() -> None:
     assert method.queries([empty, empty], cfg) == [["a query"], ["a query"]]
 
 
-def test_sampling_study_on_a_tiny_model(small_sim_dataset: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
-    study = sampling_study(load_dataset(small_sim_dataset), tiny_model_dir, [1, 2, 4], users=5, progress=False)
+def test_sampling_study_on_a_tiny_model(small_sim_dataset: Path, tiny_model_dir: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    batches: list[int] = []
+    generate = OnnxCausalLM.generate
+    monkeypatch.setattr(OnnxCausalLM, "generate", lambda lm, prompts, **kw: batches.append(len(prompts))
+                        or generate(lm, prompts, **kw))
+    study = sampling_study(load_dataset(small_sim_dataset), tiny_model_dir, [1, 2, 4], users=5, batch_users=2,
+                           progress=False)
+    assert batches == [2, 2, 1]  # greedy in batches too: all users in one pass ran out of memory at 300
     labels = [p["label"] for p in study["points"]]
     assert labels == ["greedy", "N=1", "N=2", "N=4"]
     rewards = [p["reward"] for p in study["points"][1:]]
