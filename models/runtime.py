@@ -59,7 +59,7 @@ _ORT_DTYPES: dict[str, Any] = {
 class GenerationStats:
     """Timing of the last ``generate``/``sample`` call (prefill = first step incl. the prompt).
 
-    A call may run several ONNX batches (``sample`` with ``batch_size``): then sizes are the
+    A call may run several ONNX batches (``batch_size``): then sizes are the
     largest batch's and steps/seconds are summed over batches, so ``total_s`` is the call's time.
     """
 
@@ -76,9 +76,22 @@ class GenerationStats:
     def total_s(self) -> float:
         return self.prefill_s + self.decode_s
 
+    @classmethod
+    def combine(cls, batches: Sequence[GenerationStats]) -> GenerationStats:
+        """One call's stats from its ONNX batches' (sizes: the largest; counts and times: summed)."""
+        return cls(batch_size=max(s.batch_size for s in batches), prompt_tokens=max(s.prompt_tokens for s in batches),
+                   new_tokens=sum(s.new_tokens for s in batches), prefill_s=sum(s.prefill_s for s in batches),
+                   decode_s=sum(s.decode_s for s in batches), batches=len(batches),
+                   drafted=sum(s.drafted for s in batches), accepted=sum(s.accepted for s in batches))
+
 
 # Picks the next token id per row from last-position logits: (batch, vocab) -> (batch,).
 TokenChooser = Callable[[np.ndarray], np.ndarray]
+
+
+def _check_batch_size(batch_size: int | None) -> None:
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None, got {batch_size!r}")
 
 
 def _greedy(logits: np.ndarray) -> np.ndarray:
@@ -463,17 +476,27 @@ class OnnxCausalLM:
         )
         return out, stats
 
-    def generate_ids(self, prompts: Sequence[str], *, max_new_tokens: int = 48) -> list[list[int]]:
-        """Greedy new token ids per prompt, eos excluded."""
+    def generate_ids(self, prompts: Sequence[str], *, max_new_tokens: int = 48,
+                     batch_size: int | None = None) -> list[list[int]]:
+        """Greedy new token ids per prompt, eos excluded, in ONNX batches of at most
+        ``batch_size`` prompts (default: one batch; each row's KV cache is held for the batch)."""
+        _check_batch_size(batch_size)
         if not prompts:
             return []
-        out, self.last_stats = self._decode(prompts, max_new_tokens=max_new_tokens, choose=_greedy,
-                                            lookup=self.prompt_lookup)
+        size = batch_size or len(prompts)
+        out: list[list[int]] = []
+        all_stats: list[GenerationStats] = []
+        for start in range(0, len(prompts), size):
+            batch_ids, stats = self._decode(prompts[start : start + size], max_new_tokens=max_new_tokens,
+                                            choose=_greedy, lookup=self.prompt_lookup)
+            out.extend(batch_ids)
+            all_stats.append(stats)
+        self.last_stats = GenerationStats.combine(all_stats)
         return out
 
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 48) -> list[str]:
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 48, batch_size: int | None = None) -> list[str]:
         """Greedy completions (new text only, special tokens stripped), one per prompt."""
-        ids = self.generate_ids(prompts, max_new_tokens=max_new_tokens)
+        ids = self.generate_ids(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         self._log_stats("generated")
         return texts
@@ -496,8 +519,7 @@ class OnnxCausalLM:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         if not 0 < top_p <= 1:  # also rejects NaN
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 or None, got {batch_size!r}")
+        _check_batch_size(batch_size)
         if not prompts:
             return []
 
@@ -513,14 +535,7 @@ class OnnxCausalLM:
             batch_ids, stats = self._decode(rows[start : start + size], max_new_tokens=max_new_tokens, choose=sampler)
             ids.extend(batch_ids)
             all_stats.append(stats)
-        self.last_stats = GenerationStats(
-            batch_size=max(s.batch_size for s in all_stats),
-            prompt_tokens=max(s.prompt_tokens for s in all_stats),
-            new_tokens=sum(s.new_tokens for s in all_stats),
-            prefill_s=sum(s.prefill_s for s in all_stats),
-            decode_s=sum(s.decode_s for s in all_stats),
-            batches=len(all_stats),
-        )
+        self.last_stats = GenerationStats.combine(all_stats)
         return [ids[i : i + n] for i in range(0, len(ids), n)]
 
     def sample(

@@ -168,6 +168,14 @@ def test_row_prefill_computes_a_repeated_prompt_once(lm: OnnxCausalLM, monkeypat
             assert not value[r, :, : width - n].any()
 
 
+def test_generate_in_batches_gives_the_same_tokens(lm: OnnxCausalLM) -> None:
+    whole = lm.generate_ids(PROMPTS, max_new_tokens=6)
+    assert lm.generate_ids(PROMPTS, max_new_tokens=6, batch_size=2) == whole
+    assert lm.last_stats is not None and lm.last_stats.batches == 2 and lm.last_stats.batch_size == 2
+    with pytest.raises(ValueError, match="batch_size"):
+        lm.generate_ids(PROMPTS, batch_size=0)
+
+
 def test_generate_text_and_stats(lm: OnnxCausalLM) -> None:
     texts = lm.generate(PROMPTS, max_new_tokens=5)
     ids = lm.generate_ids(PROMPTS, max_new_tokens=5)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from evaluation.dataset import load_dataset
+from models import runtime
 from models.runtime import OnnxCausalLM
 from streams.recommend import RecommendConfig, user_prompt
 from streams.window import UserState
@@ -37,10 +38,10 @@ def test_prompt_keyed_queries_serve_by_the_users_prompt() -> None:
 
 def test_sampling_study_on_a_tiny_model(small_sim_dataset: Path, tiny_model_dir: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    batches: list[int] = []
-    generate = OnnxCausalLM.generate
-    monkeypatch.setattr(OnnxCausalLM, "generate", lambda lm, prompts, **kw: batches.append(len(prompts))
-                        or generate(lm, prompts, **kw))
+    batches: list[int] = []  # greedy ONNX batches
+    decode = OnnxCausalLM._decode
+    monkeypatch.setattr(OnnxCausalLM, "_decode", lambda lm, prompts, **kw: (
+        kw["choose"] is runtime._greedy and batches.append(len(prompts))) or decode(lm, prompts, **kw))
     study = sampling_study(load_dataset(small_sim_dataset), tiny_model_dir, [1, 2, 4], users=5, batch_users=2,
                            progress=False)
     assert batches == [2, 2, 1]  # greedy in batches too: all users in one pass ran out of memory at 300

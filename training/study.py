@@ -79,8 +79,7 @@ def sampling_study(dataset: Dataset, model_dir: Path, ns: Sequence[int], *, user
                                weights=weights, progress=progress)
     # In batches like the samples: one pass over all users would hold every row's KV cache
     # at once (300 SmolLM2 users took 24 GB).
-    greedy = [text for start in range(0, len(prompts), batch_users)
-              for text in lm.generate(prompts[start: start + batch_users], max_new_tokens=rc.max_new_tokens)]
+    greedy = lm.generate(prompts, max_new_tokens=rc.max_new_tokens, batch_size=batch_users)
     greedy_scores = [composite_reward(r, weights) for r in scorer.score(greedy, contexts)]
     scorer.close()
 
