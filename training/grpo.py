@@ -45,11 +45,11 @@ class GRPOConfigError(ConfigError):
 
 @dataclass(frozen=True)
 class GRPORunConfig:
-    train_data: Path
+    train_data: Path | tuple[Path, ...]  # one or more dataset dirs (real and simulated users side by side)
     output_dir: Path
     base_model: str = BUNDLED_BASE  # "smollm2" or a Hugging Face causal-LM directory
     eval_data: Path | None = None
-    train_users: int | None = None  # the first N target users of train_data; None = all
+    train_users: int | None = None  # the first N target users of each train_data dir; None = all
     eval_users: int | None = None
     reward_weights: Mapping[str, float] = field(default_factory=lambda: dict.fromkeys(REWARD_NAMES, 1.0))
     num_generations: int = 8  # the GRPO group size
@@ -72,6 +72,8 @@ class GRPORunConfig:
     evaluate: bool = True  # evaluate onnx/ on eval_data (needs export)
 
     def __post_init__(self) -> None:
+        if isinstance(self.train_data, (str, Path)):
+            object.__setattr__(self, "train_data", (Path(self.train_data),))
         problems = self.problems()
         if problems:
             raise GRPOConfigError("bad GRPO config:\n  - " + "\n  - ".join(problems))
@@ -134,10 +136,17 @@ class GRPORunConfig:
         missing = [k for k in ("train_data", "output_dir") if k not in raw]
         if missing:
             raise GRPOConfigError(f"missing required key(s) {missing} (dataset directory and run directory)")
+        def resolve(path: str | Path) -> Path:
+            return (base / Path(path)).resolve() if not Path(path).is_absolute() else Path(path)
+
         data = dict(raw)
-        for key in ("train_data", "output_dir", "eval_data"):
+        for key in ("output_dir", "eval_data"):
             if data.get(key) is not None:
-                data[key] = (base / Path(data[key])).resolve() if not Path(data[key]).is_absolute() else Path(data[key])
+                data[key] = resolve(data[key])
+        train = data["train_data"]
+        data["train_data"] = tuple(resolve(p) for p in (train if isinstance(train, list | tuple) else [train]))
+        if not data["train_data"]:
+            raise GRPOConfigError("train_data: give a dataset directory or a list of them")
         if data.get("base_model", BUNDLED_BASE) != BUNDLED_BASE and not Path(data["base_model"]).is_absolute():
             data["base_model"] = str((base / data["base_model"]).resolve())
         try:
@@ -163,17 +172,30 @@ def user_rows(dataset: Dataset, scorer: RewardScorer, *, users: int | None, reco
     return rows
 
 
-def reward_functions(scorer: RewardScorer) -> list[Callable[..., list[float]]]:
+CONTEXT_COLUMNS = ("signal_texts", "clusters", "clicked", "targets", "base_channels", "base_ids")
+
+
+def reward_functions(scorers: Sequence[RewardScorer]) -> list[Callable[..., list[float]]]:
     """One TRL reward callable per name in ``REWARD_NAMES`` (TRL logs each as ``rewards/<name>``).
 
-    All six share the scorer's memo, so a batch is retrieved and embedded once."""
+    A row's ``source`` column picks the scorer of its dataset (each has its own news index);
+    the whole user context, the other channels' lists included, comes back from the row, so
+    ``utility`` is the marginal gain over the hybrid. All six share each scorer's memo, so a
+    batch is retrieved and embedded once."""
 
     def make(name: str) -> Callable[..., list[float]]:
-        def reward(completions: Sequence[str], signal_texts: Sequence[Sequence[str]], clusters: Sequence[Sequence[str]],
-                   clicked: Sequence[Sequence[str]], targets: Sequence[Sequence[str]], **_: Any) -> list[float]:
-            contexts = [UserContext(tuple(s), tuple(c), tuple(k), tuple(t))
-                        for s, c, k, t in zip(signal_texts, clusters, clicked, targets, strict=True)]
-            return [row[name] for row in scorer.score(completions, contexts)]
+        def reward(completions: Sequence[str], source: Sequence[int] | None = None, **columns: Any) -> list[float]:
+            rows = [dict(zip(CONTEXT_COLUMNS, values, strict=True))
+                    for values in zip(*(columns.get(c) or [()] * len(completions) for c in CONTEXT_COLUMNS),
+                                      strict=True)]
+            sources = list(source) if source is not None else [0] * len(completions)
+            out = [0.0] * len(completions)
+            for s in dict.fromkeys(sources):
+                idx = [i for i, x in enumerate(sources) if x == s]
+                scored = scorers[s].score([completions[i] for i in idx], [UserContext.from_row(rows[i]) for i in idx])
+                for i, row in zip(idx, scored, strict=True):
+                    out[i] = row[name]
+            return out
 
         reward.__name__ = reward.__qualname__ = name
         return reward
@@ -218,7 +240,7 @@ def load_policy(model_dir: Path, *, layers: int | None = None, train_layers: int
 
 # -- training --------------------------------------------------------------------------------
 
-def _log_callback(path: Path, scorer: RewardScorer):  # type: ignore[no-untyped-def]
+def _log_callback(path: Path, scorers: Sequence[RewardScorer]):  # type: ignore[no-untyped-def]
     from transformers import TrainerCallback
 
     class JsonlLog(TrainerCallback):
@@ -230,8 +252,9 @@ def _log_callback(path: Path, scorer: RewardScorer):  # type: ignore[no-untyped-
         def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
             if not logs:
                 return
-            row = {"step": state.global_step, **logs, "reward_scoring_s": round(scorer.scoring_s - self._scored, 3)}
-            self._scored = scorer.scoring_s
+            scored = sum(s.scoring_s for s in scorers)
+            row = {"step": state.global_step, **logs, "reward_scoring_s": round(scored - self._scored, 3)}
+            self._scored = scored
             with path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
 
@@ -260,10 +283,17 @@ def train_grpo(cfg: GRPORunConfig, *, resume: bool = False, progress: bool = Tru
     torch.manual_seed(cfg.seed)
     recommend = replace(RecommendConfig.from_settings(), max_new_tokens=cfg.max_completion_length)
 
-    train = load_dataset(cfg.train_data)
-    scorer = RewardScorer(train.news, config=RewardConfig(), trending=dataset_trending(train))
-    rows = user_rows(train, scorer, users=cfg.train_users, recommend=recommend)
-    log.info("%d training prompts from %s", len(rows), cfg.train_data)
+    scorers: list[RewardScorer] = []
+    rows: list[dict[str, Any]] = []
+    by_dir: list[list[str | int]] = []
+    for source, data_dir in enumerate(cfg.train_data):
+        train = load_dataset(data_dir)
+        scorers.append(RewardScorer(train.news, config=RewardConfig(), trending=dataset_trending(train),
+                                    embedder=scorers[0].embedder if scorers else None))
+        got = user_rows(train, scorers[-1], users=cfg.train_users, recommend=recommend)
+        rows += [row | {"source": source} for row in got]
+        by_dir.append([str(data_dir), len(got)])
+        log.info("%d training prompts from %s", len(got), data_dir)
 
     base_dir = resolve_base_model(cfg.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -295,9 +325,9 @@ def train_grpo(cfg: GRPORunConfig, *, resume: bool = False, progress: bool = Tru
         disable_tqdm=not progress,
         remove_unused_columns=False,
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_functions(scorer), args=args,
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_functions(scorers), args=args,
                           train_dataset=HFDataset.from_list(rows), processing_class=tokenizer,
-                          callbacks=[_log_callback(out / "train_log.jsonl", scorer)])
+                          callbacks=[_log_callback(out / "train_log.jsonl", scorers)])
     checkpoint = _latest_checkpoint(out) if resume else None
     if checkpoint:
         log.info("resuming from %s", checkpoint)
@@ -311,11 +341,13 @@ def train_grpo(cfg: GRPORunConfig, *, resume: bool = False, progress: bool = Tru
     history = [h for h in trainer.state.log_history if "loss" in h or any(k.startswith("rewards/") for k in h)]
     summary: dict[str, Any] = {
         "config": cfg.to_json(), "base_model_dir": str(base_dir), "train_prompts": len(rows),
+        "train_prompts_by_dir": by_dir,
         "parameters": total, "trainable_parameters": trainable, "steps": trainer.state.global_step,
-        "train_s": round(train_s, 1), "reward_scoring_s": round(scorer.scoring_s, 1),
+        "train_s": round(train_s, 1), "reward_scoring_s": round(sum(s.scoring_s for s in scorers), 1),
         "final_rewards": _final_rewards(history),
     }
-    scorer.close()
+    for scorer in scorers:
+        scorer.close()
     from training.plots import plot_reward_curves
 
     plot_reward_curves(history, out / "rewards.png", title=f"GRPO rewards ({out.name})")
