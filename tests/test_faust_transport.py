@@ -7,6 +7,8 @@ that (a loaded worker) lets the commit overtake the changelog, and a kill -9 the
 
 After changelog recovery faust pauses every partition for a moment and still fetches with the
 (empty) set of active ones; aiokafka reads an empty set as "all" and faust drops what comes back.
+Then it resumes the stream partitions before it seeks them and resumes its flow control, which
+empties the agents' queues: stream records are fetched only once the rebalance is over.
 """
 
 from __future__ import annotations
@@ -98,8 +100,9 @@ def test_a_fetch_with_every_partition_paused_takes_nothing(kafka_bootstrap: str,
         for n in range(3):
             producer.produce(topic, value=f"{partition}-{n}".encode(), partition=partition)
     assert producer.flush(30) == 0
-    thread = object.__new__(_ConsumerThread)  # only _fetch_records is exercised: it reads consumer.flow_active
+    thread = object.__new__(_ConsumerThread)  # only _fetch_records is exercised: it reads these
     thread.consumer = SimpleNamespace(flow_active=True)
+    thread.app = SimpleNamespace(rebalancing=False, tables=SimpleNamespace(changelog_topics=set()))
 
     async def scenario() -> None:
         consumer, (tp0, tp1) = await prefetched_consumer(kafka_bootstrap, topic)
@@ -117,6 +120,52 @@ def test_a_fetch_with_every_partition_paused_takes_nothing(kafka_bootstrap: str,
         try:
             stock = await AIOKafkaConsumerThread._fetch_records(thread, consumer, set(), timeout=0.2)
             assert set(stock) == set(tps)
+        finally:
+            await consumer.stop()
+
+    asyncio.run(scenario())
+
+
+def test_no_stream_records_are_fetched_while_rebalancing(kafka_bootstrap: str, unique_name: str) -> None:
+    """Partition 0 plays a changelog (read for the recovery), partition 1 a stream partition."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    changelog, stream = f"{unique_name}-changelog", f"{unique_name}-events"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for topic in (changelog, stream):
+        admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for topic in (changelog, stream):
+        for n in range(3):
+            producer.produce(topic, value=f"{topic}-{n}".encode(), partition=0)
+    assert producer.flush(30) == 0
+    thread = object.__new__(_ConsumerThread)
+    thread.consumer = SimpleNamespace(flow_active=True)
+    thread.app = SimpleNamespace(rebalancing=True, tables=SimpleNamespace(changelog_topics={changelog}))
+
+    async def scenario() -> None:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.structs import TopicPartition
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10)
+        await consumer.start()
+        log_tp, stream_tp = TopicPartition(changelog, 0), TopicPartition(stream, 0)
+        consumer.assign([log_tp, stream_tp])
+        await consumer.seek_to_beginning(log_tp, stream_tp)
+        try:
+            got: dict = {}
+            deadline = asyncio.get_running_loop().time() + 60
+            while log_tp not in got and asyncio.get_running_loop().time() < deadline:
+                got = await thread._fetch_records(consumer, {log_tp, stream_tp}, timeout=0.5)
+                assert stream_tp not in got  # never while rebalancing, even when asked for
+            assert [r.offset for r in got[log_tp]] == [0, 1, 2]
+            assert await thread._fetch_records(consumer, {stream_tp}, timeout=0.2) == {}
+            thread.app.rebalancing = False  # the rebalance is over: the stream partition from its start
+            got = {}
+            while stream_tp not in got and asyncio.get_running_loop().time() < deadline:
+                got = await thread._fetch_records(consumer, {log_tp, stream_tp}, timeout=0.5)
+            assert [r.offset for r in got[stream_tp]] == [0, 1, 2]
         finally:
             await consumer.stop()
 
