@@ -476,6 +476,23 @@ class OnnxCausalLM:
         )
         return out, stats
 
+    def _decode_in_batches(self, rows: Sequence[str], batch_size: int | None, *, max_new_tokens: int,
+                           chooser: Callable[[int, int], TokenChooser],
+                           lookup: PromptLookup | None = None) -> list[list[int]]:
+        """``_decode`` over ONNX batches of at most ``batch_size`` rows (None: one batch), with
+        ``chooser(start, stop)`` the token chooser of rows[start:stop]; sets ``last_stats``."""
+        size = batch_size or len(rows)
+        ids: list[list[int]] = []
+        all_stats: list[GenerationStats] = []
+        for start in range(0, len(rows), size):
+            stop = start + size
+            batch_ids, stats = self._decode(rows[start:stop], max_new_tokens=max_new_tokens,
+                                            choose=chooser(start, stop), lookup=lookup)
+            ids.extend(batch_ids)
+            all_stats.append(stats)
+        self.last_stats = GenerationStats.combine(all_stats)
+        return ids
+
     def generate_ids(self, prompts: Sequence[str], *, max_new_tokens: int = 48,
                      batch_size: int | None = None) -> list[list[int]]:
         """Greedy new token ids per prompt, eos excluded, in ONNX batches of at most
@@ -483,16 +500,8 @@ class OnnxCausalLM:
         _check_batch_size(batch_size)
         if not prompts:
             return []
-        size = batch_size or len(prompts)
-        out: list[list[int]] = []
-        all_stats: list[GenerationStats] = []
-        for start in range(0, len(prompts), size):
-            batch_ids, stats = self._decode(prompts[start : start + size], max_new_tokens=max_new_tokens,
-                                            choose=_greedy, lookup=self.prompt_lookup)
-            out.extend(batch_ids)
-            all_stats.append(stats)
-        self.last_stats = GenerationStats.combine(all_stats)
-        return out
+        return self._decode_in_batches(prompts, batch_size, max_new_tokens=max_new_tokens,
+                                       chooser=lambda start, stop: _greedy, lookup=self.prompt_lookup)
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 48, batch_size: int | None = None) -> list[str]:
         """Greedy completions (new text only, special tokens stripped), one per prompt."""
@@ -527,15 +536,9 @@ class OnnxCausalLM:
         # draws are the same whatever batch it lands in.
         rows = [prompt for prompt in prompts for _ in range(n)]
         rngs = [np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(len(rows))]
-        size = batch_size or len(rows)
-        ids: list[list[int]] = []
-        all_stats: list[GenerationStats] = []
-        for start in range(0, len(rows), size):
-            sampler = _Sampler(rngs[start : start + size], temperature=temperature, top_p=top_p)
-            batch_ids, stats = self._decode(rows[start : start + size], max_new_tokens=max_new_tokens, choose=sampler)
-            ids.extend(batch_ids)
-            all_stats.append(stats)
-        self.last_stats = GenerationStats.combine(all_stats)
+        ids = self._decode_in_batches(
+            rows, batch_size, max_new_tokens=max_new_tokens,
+            chooser=lambda start, stop: _Sampler(rngs[start:stop], temperature=temperature, top_p=top_p))
         return [ids[i : i + n] for i in range(0, len(ids), n)]
 
     def sample(

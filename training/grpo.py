@@ -172,7 +172,7 @@ def user_rows(dataset: Dataset, scorer: RewardScorer, *, users: int | None, reco
     return rows
 
 
-CONTEXT_COLUMNS = ("signal_texts", "clusters", "clicked", "targets", "base_channels", "base_ids")
+CONTEXT_COLUMNS = tuple(UserContext((), ()).to_row())  # the dataset columns a user context is rebuilt from
 
 
 def reward_functions(scorers: Sequence[RewardScorer]) -> list[Callable[..., list[float]]]:
