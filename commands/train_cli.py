@@ -32,15 +32,22 @@ def add_train_commands(subparsers: Any) -> None:
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=_cmd_grpo)
     w = sub.add_parser(
-        "warmstart", help="short SFT warm start on the query-list format (TRL SFTTrainer), before GRPO",
-        description="Fine-tune the base model on rule-made query lists from each user's own window "
-                    "(see training/warmstart.py); point a GRPO config's base_model at --out.")
-    w.add_argument("--data", type=Path, required=True, help="training dataset directory")
+        "warmstart", help="short SFT warm start (TRL SFTTrainer) before GRPO: the query-list format, or next clicks",
+        description="Fine-tune the base model on rule-made query lists (see training/warmstart.py): 'window' "
+                    "lists come from each user's own window (format only); 'next-clicks' lists open with the "
+                    "keyphrases of the news the training user clicked next (GPT4Rec-style; training days only). "
+                    "Point a GRPO config's base_model at --out, or export it and serve it.")
+    w.add_argument("--data", type=Path, action="append", required=True,
+                   help="training dataset directory; repeatable (a dataset with impressions gives only its "
+                        "training days)")
     w.add_argument("--out", type=Path, required=True, help="HF model directory to write")
     w.add_argument("--base-model", default="smollm2", help="'smollm2' (bundled) or a HF model dir")
-    w.add_argument("--users", type=int, default=256)
+    w.add_argument("--targets", choices=["window", "next-clicks"], default="window",
+                   help="what the demonstration lists teach (default: window, the format only)")
+    w.add_argument("--users", type=int, default=256, help="the first N training users of each dataset")
     w.add_argument("--epochs", type=float, default=1.0)
     w.add_argument("--lr", type=float, default=5e-5)
+    w.add_argument("--batch-size", type=int, default=8)
     w.add_argument("--threads", type=int, default=None)
     w.add_argument("--no-progress", action="store_true")
     w.set_defaults(func=_cmd_warmstart)
@@ -131,8 +138,9 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
     from training.warmstart import WarmStartConfig, warm_start
 
     try:
-        cfg = WarmStartConfig(args.data, args.out, base_model=args.base_model, users=args.users, epochs=args.epochs,
-                              learning_rate=args.lr, threads=args.threads)
+        cfg = WarmStartConfig(tuple(args.data), args.out, base_model=args.base_model, users=args.users,
+                              targets=args.targets, epochs=args.epochs, learning_rate=args.lr,
+                              batch_size=args.batch_size, threads=args.threads)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     summary = warm_start(cfg, progress=not args.no_progress)

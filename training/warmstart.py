@@ -1,11 +1,16 @@
-"""Optional short SFT warm start on the output format, before GRPO (TRL ``SFTTrainer``).
+"""Optional short SFT warm start before GRPO (TRL ``SFTTrainer``), in one of two modes.
 
-A small base model rarely writes a clean list of short queries when sampled (SmolLM2-135M at
-temperature 0.9 mostly copies whole titles or adds a preamble), so the ``format`` reward
-starts at zero for every sample of a group and GRPO gets no signal from it. The warm start
-teaches only the shape: its targets are built from the user's own window by a pure rule
-(the rarest words of each distinct signal, in their original order, as a numbered list),
-never from held-out clicks, so it cannot leak the evaluation targets.
+``window`` (default) teaches the output format only. A small base model rarely writes a clean
+list of short queries when sampled (SmolLM2-135M at temperature 0.9 mostly copies whole titles
+or adds a preamble), so the ``format`` reward starts at zero for every sample of a group and
+GRPO gets no signal from it. Its lists come from the user's own window by a pure rule (the
+rarest words of each distinct signal, in their original order, as a numbered list).
+
+``next-clicks`` teaches what to look for (GPT4Rec-style): the list opens with the titles of the
+news the user clicked next (a title is a good search query for itself and for its neighbours),
+then the window's keyphrases fill it up. Those clicks come from
+``training_users`` only: the training days of a dataset with impressions, never a held-out
+user, so the evaluation's targets never reach the model.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 from evaluation.dataset import load_dataset
 from evaluation.evaluate import WindowConfig, training_users
 from streams.recommend import RecommendConfig, user_prompt
-from training.rewards import STOPWORDS, normalized_idf, query_terms
+from training.rewards import STOPWORDS, FormatRules, normalized_idf, query_terms
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +43,25 @@ def keyphrase(text: str, idf: Mapping[str, float], *, max_terms: int = 4, min_id
     return " ".join(w for _, _, w in sorted(keep, key=lambda s: s[1]))
 
 
-def demonstration(signal_texts: Sequence[str], idf: Mapping[str, float], *, max_queries: int = 5,
-                  max_terms: int = 4) -> str:
-    """A numbered list of keyphrase queries, one per distinct signal (newest first); a phrase
-    that would copy a whole signal, or repeat an earlier one, is skipped."""
+def clipped(text: str, rules: FormatRules = FormatRules()) -> str:
+    """``text`` cut to its leading words that make a query the ``format`` reward accepts."""
+    words = text.split()[: rules.max_words]
+    while words and len(" ".join(words)) > rules.max_chars:
+        words.pop()
+    return " ".join(words)
+
+
+def demonstration(signal_texts: Sequence[str], idf: Mapping[str, float], *, leading: Sequence[str] = (),
+                  max_queries: int = 5, max_terms: int = 4) -> str:
+    """A numbered list of queries: each distinct ``leading`` text whole (clipped; GPT4Rec writes
+    the title it expects the user to read next as its query), then the keyphrase of each
+    distinct signal (newest first); a query that would copy a whole signal, or repeat an
+    earlier one, is skipped."""
     signals = {t.casefold().strip() for t in signal_texts}
     seen: set[frozenset[str]] = set()
     queries: list[str] = []
-    for text in signal_texts:
-        phrase = keyphrase(text, idf, max_terms=max_terms)
+    candidates = [clipped(t) for t in leading] + [keyphrase(t, idf, max_terms=max_terms) for t in signal_texts]
+    for phrase in candidates:
         key = frozenset(w.casefold() for w in phrase.split())
         if not phrase or phrase.casefold() in signals or key in seen:
             continue
@@ -57,12 +72,16 @@ def demonstration(signal_texts: Sequence[str], idf: Mapping[str, float], *, max_
     return "\n".join(f"{i}. {q}" for i, q in enumerate(queries, 1))
 
 
+TARGET_MODES = ("window", "next-clicks")
+
+
 @dataclass(frozen=True)
 class WarmStartConfig:
-    train_data: Path
+    train_data: Path | tuple[Path, ...]  # one or more dataset dirs (real and simulated users side by side)
     output_dir: Path
     base_model: str = "smollm2"
-    users: int = 256  # the first N target users of train_data
+    users: int = 256  # the first N training users of each train_data dir
+    targets: str = "window"  # one of TARGET_MODES (see the module docstring)
     epochs: float = 1.0
     learning_rate: float = 5e-5
     batch_size: int = 8
@@ -71,6 +90,12 @@ class WarmStartConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.train_data, (str, Path)):
+            object.__setattr__(self, "train_data", (Path(self.train_data),))
+        if not self.train_data:
+            raise ValueError("train_data: give a dataset directory or several")
+        if self.targets not in TARGET_MODES:
+            raise ValueError(f"targets: expected one of {', '.join(TARGET_MODES)}, got {self.targets!r}")
         if self.users < 1 or self.batch_size < 1 or self.min_queries < 1:
             raise ValueError("users, batch_size and min_queries must be at least 1")
         if not 0 < self.epochs <= 20:
@@ -80,18 +105,23 @@ class WarmStartConfig:
 
 
 def demonstrations(cfg: WarmStartConfig, recommend: RecommendConfig) -> list[dict[str, str]]:
-    """Prompt/completion pairs (the worker's prompt; the rule's list) for the first ``cfg.users`` users."""
+    """Prompt/completion pairs (the worker's prompt; the rule's list) for the first ``cfg.users``
+    training users of each ``train_data`` dir, in dir order."""
     from index.dense import article_text
 
-    dataset = load_dataset(cfg.train_data)
-    doc_freq = Counter(t for a in dataset.news for t in set(query_terms(article_text(a))))
-    idf = normalized_idf(doc_freq, len(dataset.news))
+    assert isinstance(cfg.train_data, tuple)  # normalised in __post_init__
     rows = []
-    for user in training_users(dataset, WindowConfig.from_settings(), limit=cfg.users):
-        texts = [s.text for s in user.state.signals[: recommend.prompt_signals]]
-        completion = demonstration(texts, idf, max_queries=recommend.max_queries)
-        if completion.count("\n") + 1 >= cfg.min_queries:
-            rows.append({"prompt": user_prompt(user.state, recommend, user.now), "completion": completion})
+    for data_dir in cfg.train_data:
+        dataset = load_dataset(data_dir)
+        doc_freq = Counter(t for a in dataset.news for t in set(query_terms(article_text(a))))
+        idf = normalized_idf(doc_freq, len(dataset.news))
+        titles = {a.news_id: a.title for a in dataset.news}
+        for user in training_users(dataset, WindowConfig.from_settings(), limit=cfg.users):
+            texts = [s.text for s in user.state.signals[: recommend.prompt_signals]]
+            leading = [titles[n] for n in user.targets if n in titles] if cfg.targets == "next-clicks" else []
+            completion = demonstration(texts, idf, leading=leading, max_queries=recommend.max_queries)
+            if completion and completion.count("\n") + 1 >= cfg.min_queries:
+                rows.append({"prompt": user_prompt(user.state, recommend, user.now), "completion": completion})
     return rows
 
 
@@ -134,7 +164,8 @@ def warm_start(cfg: WarmStartConfig, *, progress: bool = True) -> dict[str, Any]
         torch.set_num_threads(cfg.threads)
     rows = demonstrations(cfg, RecommendConfig.from_settings())
     if not rows:
-        raise ValueError(f"{cfg.train_data}: no user window yields {cfg.min_queries}+ distinct query phrases")
+        dirs = ", ".join(map(str, cfg.train_data))
+        raise ValueError(f"{dirs}: no training user yields {cfg.min_queries}+ distinct query phrases")
     base_dir = resolve_base_model(cfg.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     result = sft(load_policy(base_dir), tokenizer, rows, cfg.output_dir, epochs=cfg.epochs,
