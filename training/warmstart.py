@@ -85,7 +85,7 @@ class WarmStartConfig:
     epochs: float = 1.0
     learning_rate: float = 5e-5
     batch_size: int = 8
-    min_queries: int = 3  # users whose window yields fewer distinct phrases are left out
+    min_queries: int = 3  # users whose list has fewer queries are left out
     threads: int | None = None
     seed: int = 0
 
