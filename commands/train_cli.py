@@ -35,7 +35,7 @@ def add_train_commands(subparsers: Any) -> None:
         "warmstart", help="short SFT warm start (TRL SFTTrainer) before GRPO: the query-list format, or next clicks",
         description="Fine-tune the base model on rule-made query lists (see training/warmstart.py): 'window' "
                     "lists come from each user's own window (format only); 'next-clicks' lists open with the "
-                    "keyphrases of the news the training user clicked next (GPT4Rec-style; training days only). "
+                    "titles of the news the training user clicked next (GPT4Rec-style; training days only). "
                     "Point a GRPO config's base_model at --out, or export it and serve it.")
     w.add_argument("--data", type=Path, action="append", required=True,
                    help="training dataset directory; repeatable (a dataset with impressions gives only its "

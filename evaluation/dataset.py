@@ -110,6 +110,11 @@ class Dataset:
         return {a.news_id: a for a in self.news}
 
 
+def dataset_dirs(train_data: str | Path | Sequence[str | Path]) -> tuple[Path, ...]:
+    """A trainer's ``train_data``, one dataset dir or several, as a tuple of paths."""
+    return (Path(train_data),) if isinstance(train_data, (str, Path)) else tuple(Path(p) for p in train_data)
+
+
 # The last day of impressions is held out (evaluation) and never trained on (trainers).
 HOLDOUT_DAYS = 1.0
 

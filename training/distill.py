@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from evaluation.dataset import Dataset, load_dataset
+from evaluation.dataset import Dataset, dataset_dirs, load_dataset
 from evaluation.evaluate import TrainingUser, WindowConfig, training_users
 from streams.recommend import RecommendConfig, user_prompt
 from streams.settings import ConfigError
@@ -64,8 +64,7 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.train_data, (str, Path)):
-            object.__setattr__(self, "train_data", (Path(self.train_data),))
+        object.__setattr__(self, "train_data", dataset_dirs(self.train_data))
         problems = []
         if self.method not in METHODS:
             problems.append(f"method: {self.method!r} is not one of {', '.join(METHODS)}")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.channels import dataset_trending
-from evaluation.dataset import Dataset, load_dataset
+from evaluation.dataset import Dataset, dataset_dirs, load_dataset
 from evaluation.evaluate import EvalConfig, WindowConfig, training_users
 from streams.recommend import RecommendConfig, user_prompt
 from streams.settings import ConfigError
@@ -72,8 +72,7 @@ class GRPORunConfig:
     evaluate: bool = True  # evaluate onnx/ on eval_data (needs export)
 
     def __post_init__(self) -> None:
-        if isinstance(self.train_data, (str, Path)):
-            object.__setattr__(self, "train_data", (Path(self.train_data),))
+        object.__setattr__(self, "train_data", dataset_dirs(self.train_data))
         problems = self.problems()
         if problems:
             raise GRPOConfigError("bad GRPO config:\n  - " + "\n  - ".join(problems))

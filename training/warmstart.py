@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from evaluation.dataset import load_dataset
+from evaluation.dataset import dataset_dirs, load_dataset
 from evaluation.evaluate import WindowConfig, training_users
 from streams.recommend import RecommendConfig, user_prompt
 from training.rewards import STOPWORDS, FormatRules, normalized_idf, query_terms
@@ -90,8 +90,7 @@ class WarmStartConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.train_data, (str, Path)):
-            object.__setattr__(self, "train_data", (Path(self.train_data),))
+        object.__setattr__(self, "train_data", dataset_dirs(self.train_data))
         if not self.train_data:
             raise ValueError("train_data: give a dataset directory or several")
         if self.targets not in TARGET_MODES:
@@ -109,9 +108,8 @@ def demonstrations(cfg: WarmStartConfig, recommend: RecommendConfig) -> list[dic
     training users of each ``train_data`` dir, in dir order."""
     from index.dense import article_text
 
-    assert isinstance(cfg.train_data, tuple)  # normalised in __post_init__
     rows = []
-    for data_dir in cfg.train_data:
+    for data_dir in dataset_dirs(cfg.train_data):
         dataset = load_dataset(data_dir)
         doc_freq = Counter(t for a in dataset.news for t in set(query_terms(article_text(a))))
         idf = normalized_idf(doc_freq, len(dataset.news))
