@@ -34,8 +34,8 @@ from index.base import SearchEngine
 from index.dense import DenseIndex
 from index.fusion import FusedItem
 from streams.contracts import UserEvent
-from streams.ranker import FEATURES, UNSEEN_AGE_H, LearnedRanker, candidate_features
-from streams.recommend import Recall, TrendingView, channel_lists, order_candidates
+from streams.ranker import CONTENT_FEATURES, FEATURES, UNSEEN_AGE_H, LearnedRanker, candidate_features
+from streams.recommend import Recall, TrendingView, channel_lists, content_vectors, order_candidates
 from streams.trending import TRENDING_KINDS, TrendingCounter
 
 log = logging.getLogger(__name__)
@@ -116,8 +116,9 @@ async def evaluate_impressions(dataset: Dataset, engine: SearchEngine, dense: De
         lists = (await channel_lists(Recall(engine, dense, view), [states[i]], [queries.get(i, [])], rc,
                                      k=len(cands), candidates=[cands]))[0]
         history = [sig.news_id for sig in states[i].signals if sig.news_id]
+        content = content_vectors(dense, [states[i]], [cands], view.popularity)[0]
         features.append(candidate_features(lists, cands, view.popularity, view.now, categories=categories,
-                                           history=history))
+                                           history=history, content=content))
         per_imp.append({"i": i, "held_out": imp.ts > cutoff, "model": i in model_rows, "lists": lists,
                         "cands": cands, "clicked": set(imp.clicked), "cold": len(states[i].signals) < COLD_HISTORY})
 
@@ -176,8 +177,10 @@ def _learned_order(ranker: LearnedRanker, r: dict[str, Any], x: np.ndarray, drop
     if drop is not None:
         cols = [j for j, f in enumerate(FEATURES) if f.startswith(f"{drop}_")]
         if drop == "trending":  # its counts too: as if nothing had been seen
-            cols += [FEATURES.index("clicks_log"), FEATURES.index("shows_log")]
+            cols += [FEATURES.index("clicks_log"), FEATURES.index("shows_log"), FEATURES.index("trend_sim")]
             x[:, FEATURES.index("age_h")] = UNSEEN_AGE_H
+        if drop == "dense":  # the content cosines too: as if there were no vectors
+            cols += [FEATURES.index(f) for f in CONTENT_FEATURES]
         x[:, cols] = 0.0
     scores = ranker.score(x)
     return [FusedItem(r["cands"][j], "", float(scores[j]), "") for j in sorted(range(len(scores)),

@@ -1,6 +1,7 @@
 """Learned fusion: a small LightGBM LambdaRank model over the channels' scores.
 
-Features per (user, candidate) come only from the channel lists and the trending counts
+Features per (user, candidate) come from the channel lists, the trending counts and the
+MiniLM vectors of the candidates, the user's signals and what everyone clicked lately
 (:func:`candidate_features`), so the same function serves ``newsrec eval`` and
 ``POST /rank``. A fitted ranker is a versioned artifact like the models: a directory with
 ``ranker.txt`` (LightGBM's own text format, no pickle) and a ``manifest.json`` (sha256 of
@@ -13,6 +14,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +30,45 @@ FEATURES: tuple[str, ...] = (
     *(f"{c}_{kind}" for c in CHANNELS for kind in ("score", "rr")),
     "clicks_log", "shows_log", "age_h",
     "category_share", "subcategory_share",  # of the user's signals about indexed articles
+    # Content: cosine of the candidate to the user's closest signal and to their mean, and to
+    # the click-weighted centroid of everyone's recent clicks (a topic that is trending now
+    # reaches articles never shown yet: on MIND's last day most candidates are new).
+    "signal_max_sim", "signal_mean_sim", "trend_sim",
 )
+CONTENT_FEATURES = ("signal_max_sim", "signal_mean_sim", "trend_sim")
 # An article never seen inside the trending horizon counts as this old (hours).
 UNSEEN_AGE_H = 48.0
+
+
+@dataclass(frozen=True)
+class ContentVectors:
+    """Unit vectors behind the content features: one row per candidate (zeros for one not
+    embedded), one per signal of the user, and the centroid of recent clicks (None: none)."""
+
+    candidates: np.ndarray
+    signals: np.ndarray
+    clicked_centroid: np.ndarray | None = None
+
+
+def clicked_centroid(vectors: np.ndarray, clicks: Sequence[float]) -> np.ndarray | None:
+    """The unit click-weighted mean of article ``vectors`` (None without clicks). Pure."""
+    weights = np.asarray(clicks, np.float32)
+    if not len(weights) or weights.sum() <= 0:
+        return None
+    mean = weights @ np.asarray(vectors, np.float32)
+    norm = float(np.linalg.norm(mean))
+    return mean / norm if norm > 0 else None
 
 
 def candidate_features(lists: Mapping[str, Sequence[FusedItem]], candidates: Sequence[str],
                        popularity: Mapping[str, Popularity], now: float, *,
                        categories: Mapping[str, tuple[str, str]] | None = None,
-                       history: Sequence[str] = ()) -> np.ndarray:
+                       history: Sequence[str] = (), content: ContentVectors | None = None) -> np.ndarray:
     """(len(candidates), len(FEATURES)) float32: each channel's score and reciprocal rank
     (0 where it did not rank the candidate), log clicks and shows, hours since first seen,
-    and the share of the user's ``history`` (news ids of their signals) in the candidate's
-    category and subcategory (``categories``: news_id -> (category, subcategory)). Pure."""
+    the share of the user's ``history`` (news ids of their signals) in the candidate's
+    category and subcategory (``categories``: news_id -> (category, subcategory)), and the
+    cosines of :data:`CONTENT_FEATURES` from ``content`` (0 without it). Pure."""
     col = {name: j for j, name in enumerate(FEATURES)}
     row = {n: i for i, n in enumerate(candidates)}
     x = np.zeros((len(candidates), len(FEATURES)), np.float32)
@@ -63,6 +91,15 @@ def candidate_features(lists: Mapping[str, Sequence[FusedItem]], candidates: Seq
         x[i, col["clicks_log"]] = math.log1p(p.clicks) if p else 0.0
         x[i, col["shows_log"]] = math.log1p(p.shows) if p else 0.0
         x[i, col["age_h"]] = min(UNSEEN_AGE_H, max(0.0, (now - p.first_seen) / 3600)) if p else UNSEEN_AGE_H
+    if content is not None:
+        if len(content.candidates) != len(candidates):
+            raise ValueError(f"{len(content.candidates)} candidate vectors for {len(candidates)} candidates")
+        if len(content.signals):
+            sims = content.candidates @ content.signals.T
+            x[:, col["signal_max_sim"]] = sims.max(axis=1)
+            x[:, col["signal_mean_sim"]] = sims.mean(axis=1)
+        if content.clicked_centroid is not None:
+            x[:, col["trend_sim"]] = content.candidates @ content.clicked_centroid
     return x
 
 
@@ -78,8 +115,9 @@ class LearnedRanker:
 
         if sum(groups) != len(x) or len(x) != len(y):
             raise ValueError(f"{len(x)} rows, {len(y)} labels, groups summing to {sum(groups)}")
+        # Small trees: chosen on a validation day carved out of MIND's training days (README).
         params = {"objective": "lambdarank", "metric": "ndcg", "ndcg_eval_at": [5, 10], "learning_rate": 0.05,
-                  "num_leaves": 15, "min_data_in_leaf": 50, "feature_fraction": 0.9, "bagging_fraction": 0.8,
+                  "num_leaves": 7, "min_data_in_leaf": 100, "feature_fraction": 0.9, "bagging_fraction": 0.8,
                   "bagging_freq": 1, "lambda_l2": 1.0, "seed": seed, "deterministic": True,
                   "num_threads": 2, "verbosity": -1}
         data = lgb.Dataset(x, label=y, group=list(groups), feature_name=list(FEATURES), free_raw_data=False)
@@ -91,11 +129,13 @@ class LearnedRanker:
     def order(self, lists: Mapping[str, Sequence[FusedItem]], candidates: Sequence[str],
               popularity: Mapping[str, Popularity], now: float, *,
               categories: Mapping[str, tuple[str, str]] | None = None,
-              history: Sequence[str] = ()) -> list[FusedItem]:
-        """``candidates`` best first by the ranker, each with the channels and query that found it."""
-        candidates = list(dict.fromkeys(candidates))
+              history: Sequence[str] = (), content: ContentVectors | None = None) -> list[FusedItem]:
+        """``candidates`` (distinct, in the order ``content`` has them) best first by the
+        ranker, each with the channels and query that found it."""
+        if len(set(candidates)) != len(candidates):
+            raise ValueError("candidates must be distinct")
         scores = self.score(candidate_features(lists, candidates, popularity, now, categories=categories,
-                                               history=history))
+                                               history=history, content=content))
         found: dict[str, list[FusedItem]] = {}
         for channel, items in lists.items():
             for item in items:

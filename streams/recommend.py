@@ -31,7 +31,7 @@ from index.base import Hit, SearchEngine
 from index.dense import DenseIndex
 from index.fusion import FusedItem, fuse_channels, rrf_fuse
 from models.prompt import build_prompt, parse_queries, sanitize_text
-from streams.ranker import LearnedRanker
+from streams.ranker import ContentVectors, LearnedRanker, clicked_centroid
 from streams.settings import CHANNELS, WorkerSettings, load
 from streams.trending import Popularity, TrendingCounter, TrendingScores
 from streams.window import UserState
@@ -286,6 +286,27 @@ def order_candidates(lists: Mapping[str, Sequence[FusedItem]], candidates: Seque
     return fused + [FusedItem(n, "", 0.0, "", ()) for n in dict.fromkeys(candidates) if n not in seen]
 
 
+def content_vectors(dense: DenseIndex | None, states: Sequence[UserState], candidates: Sequence[Sequence[str]],
+                    popularity: Mapping[str, Popularity]) -> list[ContentVectors | None]:
+    """Per user, the MiniLM vectors behind the learned fusion's content features: the
+    candidates' stored vectors (zeros for one not indexed), every window signal's (as in
+    :func:`dense_profiles`) and the centroid of the indexed articles clicked in ``popularity``.
+    None per user without a dense index."""
+    if dense is None or not dense.count_sync():
+        return [None] * len(states)
+    _, _, signal_vecs = dense_profiles(dense, states, max((len(s.signals) for s in states), default=0))
+    clicked = [n for n, p in popularity.items() if p.clicks > 0 and dense.has(n)]
+    centroid = clicked_centroid(dense.vectors_of(clicked), [popularity[n].clicks for n in clicked])
+    out: list[ContentVectors | None] = []
+    for cands, vecs in zip(candidates, signal_vecs, strict=True):
+        rows = np.zeros((len(cands), dense.embedder.dim), np.float32)
+        known = [i for i, n in enumerate(cands) if dense.has(n)]
+        if known:
+            rows[known] = dense.vectors_of([cands[i] for i in known])
+        out.append(ContentVectors(rows, vecs, centroid))
+    return out
+
+
 async def rank(recall: Recall, states: Sequence[UserState], queries: Sequence[Sequence[str]],
                candidates: Sequence[Sequence[str]], cfg: RecommendConfig, *, ranker: LearnedRanker | None = None,
                categories: Mapping[str, tuple[str, str]] | None = None) -> list[list[FusedItem]]:
@@ -294,10 +315,13 @@ async def rank(recall: Recall, states: Sequence[UserState], queries: Sequence[Se
     (category, subcategory), for its profile features)."""
     if len(candidates) != len(states):
         raise ValueError(f"{len(candidates)} candidate sets for {len(states)} users")
+    candidates = [list(dict.fromkeys(c)) for c in candidates]
     depth = max((len(c) for c in candidates), default=1) or 1
     lists = await channel_lists(recall, states, queries, cfg, k=depth, candidates=candidates)
     if ranker is None:
         return [order_candidates(lists[u], candidates[u], cfg) for u in range(len(states))]
     view = recall.trending or TrendingView()
+    content = content_vectors(recall.dense, states, candidates, view.popularity)
     return [ranker.order(lists[u], candidates[u], view.popularity, view.now, categories=categories,
-                         history=[s.news_id for s in states[u].signals if s.news_id]) for u in range(len(states))]
+                         history=[s.news_id for s in states[u].signals if s.news_id], content=content[u])
+            for u in range(len(states))]

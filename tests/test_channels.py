@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from index.embedded import EmbeddedEngine
 from index.fusion import RRF_K, FusedItem, fuse_channels
 from models.manifest import ModelIntegrityError
-from streams.ranker import FEATURES, LearnedRanker, candidate_features
+from streams.ranker import FEATURES, ContentVectors, LearnedRanker, candidate_features, clicked_centroid
 from streams.recommend import Recall, RecommendConfig, TrendingView, rank, recommend
 from streams.trending import Popularity, TrendingCounter, smoothed_ctr, trending_scores
 from streams.window import Signal, UserState
@@ -172,3 +172,40 @@ async def test_rank_with_a_learned_ranker_and_a_bad_ranker_dir(engine: EmbeddedE
     (tmp_path / "r" / "ranker.txt").write_text("tampered")
     with pytest.raises(ConfigError, match="NEWSREC_RANKER_DIR"):
         load_ranker(tmp_path / "r")
+
+
+def test_content_features_are_cosines_to_the_signals_and_to_recent_clicks() -> None:
+    cands = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], np.float32)
+    signals = np.array([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]], np.float32)
+    centroid = clicked_centroid(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], np.float32), [3, 1])
+    assert centroid is not None and np.allclose(centroid, np.array([3, 1, 0]) / np.sqrt(10))
+    assert clicked_centroid(np.zeros((2, 3), np.float32), [0, 0]) is None
+    assert clicked_centroid(np.zeros((0, 3), np.float32), []) is None
+    x = candidate_features({}, ["a", "b"], {}, 0.0, content=ContentVectors(cands, signals, centroid))
+    col = {f: x[:, FEATURES.index(f)] for f in ("signal_max_sim", "signal_mean_sim", "trend_sim")}
+    assert np.allclose(col["signal_max_sim"], [0.6, 0.8]) and np.allclose(col["signal_mean_sim"], [0.3, 0.4])
+    assert np.allclose(col["trend_sim"], [3 / np.sqrt(10), 1 / np.sqrt(10)])
+    no_content = candidate_features({}, ["a", "b"], {}, 0.0)
+    assert not no_content[:, [FEATURES.index(f) for f in col]].any()
+    no_signals = candidate_features({}, ["a", "b"], {}, 0.0, content=ContentVectors(cands, signals[:0], None))
+    assert not no_signals[:, [FEATURES.index(f) for f in col]].any()
+    with pytest.raises(ValueError, match="candidate vectors"):
+        candidate_features({}, ["a"], {}, 0.0, content=ContentVectors(cands, signals, None))
+
+
+async def test_rank_feeds_the_learned_ranker_real_minilm_vectors(engine: EmbeddedEngine, news_articles) -> None:
+    from index.dense import DenseIndex, MiniLMEmbedder
+
+    dense = DenseIndex(MiniLMEmbedder())
+    dense.upsert_sync(news_articles[:40])
+    rng = np.random.default_rng(2)
+    x = rng.random((300, len(FEATURES))).astype(np.float32)
+    col = FEATURES.index("signal_max_sim")
+    ranker = LearnedRanker.fit(x, (x[:, col] > 0.9).astype(int), [10] * 30, version="content", rounds=30)
+    liked = news_articles[5]
+    state = UserState(signals=(Signal("e0", "news_click", liked.title, T0, liked.news_id),))
+    cands = [a.news_id for a in news_articles[:40]] + ["NOT-INDEXED"]
+    ordered = (await rank(Recall(engine, dense), [state], [[]], [cands + cands[:3]], RecommendConfig(),
+                          ranker=ranker))[0]
+    assert [i.news_id for i in ordered].count(cands[0]) == 1 and len(ordered) == len(cands)  # repeats dropped
+    assert ordered[0].news_id == liked.news_id  # its own vector: cosine 1 to the user's only signal
