@@ -3,7 +3,8 @@
 In-process checks of the pieces first (request parsing, trending counts, a failing or slow
 model inside the refresher), then a real worker on the real local broker: /rank for a known
 user, a cold user and bad ids; trending moving within seconds of ``news_click`` events; a
-model that always times out while users still get recommendations marked degraded.
+model that always times out while users still get recommendations marked degraded; a learned
+ranker (NEWSREC_RANKER_DIR) fed by the worker's own dense index.
 """
 
 from __future__ import annotations
@@ -330,6 +331,34 @@ def test_rank_api_and_trending_on_a_real_worker(stack):
     status, body = post_rank(url, {"user_id": "u-known", "candidates": candidates})
     assert status == 200 and any("dense" in i["channels"] for i in body["items"]), body
     assert body["items"][0]["score"] > 0
+
+
+@pytest.mark.integration
+def test_rank_api_with_a_learned_ranker_reads_the_content_vectors(stack, tmp_path):
+    """NEWSREC_RANKER_DIR on a real worker: the ranker's content features come from the
+    worker's own dense index (a ranker that follows only the closest-signal cosine puts the
+    article the user clicked first, wherever it stands in the request)."""
+    import numpy as np
+
+    from streams.ranker import FEATURES, LearnedRanker
+
+    x = np.random.default_rng(3).random((300, len(FEATURES))).astype(np.float32)
+    col = FEATURES.index("signal_max_sim")
+    LearnedRanker.fit(x, (x[:, col] > 0.9).astype(int), [10] * 30, version="content-test",
+                      rounds=30).save(tmp_path / "ranker")
+    worker = stack.start_worker(NEWSREC_RANKER_DIR=str(tmp_path / "ranker"))
+    liked = CORPUS[3]
+    ev = stack.send("u-reader", 0, liked.title, domain="news_click", news_id=liked.news_id)
+    stack.flush()
+    wait_until(lambda: (r := served_recommendation(worker.url, "u-reader")) and
+               r["trigger_event_id"] == ev["event_id"], 90, "u-reader's recommendation", worker)
+    wait_until(lambda: worker.stats()["channels"]["dense"]["documents"] == len(CORPUS), 180,
+               "the dense index to hold the corpus", worker)
+    candidates = [a.news_id for a in CORPUS[:12] if a.news_id != liked.news_id] + [liked.news_id]
+    status, body = post_rank(worker.url, {"user_id": "u-reader", "candidates": candidates})
+    assert status == 200 and body["cold"] is False, body
+    assert [i["news_id"] for i in body["items"]][0] == liked.news_id, body
+    assert sorted(i["news_id"] for i in body["items"]) == sorted(candidates)
 
 
 @pytest.mark.integration
