@@ -51,6 +51,9 @@ def add_eval_commands(subparsers: Any) -> None:
                    help="impressions: the last D days are held out (the learned fusion trains on the rest)")
     p.add_argument("--model-samples", type=int, default=300, metavar="N",
                    help="impressions: held-out impressions the model channel writes queries for")
+    p.add_argument("--model-train-samples", type=int, default=0, metavar="N",
+                   help="impressions: the last N training impressions the model writes queries for too, so "
+                        "the learned fusion learns the model channel (and its effect there gets a CI)")
     p.add_argument("--save-ranker", type=Path, default=None, metavar="DIR",
                    help="impressions: write the fitted learned fusion (LightGBM + manifest) to DIR")
     p.set_defaults(func=_cmd_eval)
@@ -188,6 +191,7 @@ def _eval_impressions(args: argparse.Namespace, dataset: Any) -> int:
     method, rc = _model_channel(args, dataset), RecommendConfig.from_settings()
     try:
         cfg = ImpressionConfig(holdout_days=args.holdout_days, model_samples=args.model_samples,
+                               model_train_samples=args.model_train_samples,
                                recommend=rc, save_ranker=args.save_ranker,
                                **({"batch_size": args.batch_size} if args.batch_size else {}))
     except ValueError as exc:

@@ -10,7 +10,9 @@ Split by time: impressions on the last ``holdout_days`` are held out; the learne
 (``streams.ranker``) is fitted on the earlier ones only. Every variant is reported on the
 held-out impressions: single channels, weighted RRF of all channels, the hybrid minus each
 channel, the learned fusion, and for the model channel a paired bootstrap interval of its
-effect (hybrid minus hybrid without it).
+effect (hybrid minus hybrid without it; with ``model_train_samples``, the model also writes
+queries for the last training impressions, the ranker learns its columns, and its effect
+inside the learned fusion gets an interval too).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10")
 class ImpressionConfig(ChannelEvalConfig):
     holdout_days: float = HOLDOUT_DAYS
     model_samples: int | None = 300  # held-out impressions the model channel writes queries for
+    # The last N training impressions it writes queries for too, so the learned fusion can
+    # learn what the model's results are worth (0: it never sees them and ignores the channel).
+    model_train_samples: int = 0
     save_ranker: Path | None = None  # write the fitted learned fusion here (a versioned artifact)
 
 
@@ -91,6 +96,8 @@ async def evaluate_impressions(dataset: Dataset, engine: SearchEngine, dense: De
     rc = cfg.recommend
     held = [i for i, imp in enumerate(imps) if imp.ts > cutoff]
     model_rows = set(held[: cfg.model_samples] if cfg.model_samples is not None else held) if method else set()
+    if method is not None and cfg.model_train_samples > 0:
+        model_rows |= set([i for i, imp in enumerate(imps) if imp.ts <= cutoff][-cfg.model_train_samples:])
 
     # The model's queries first, in batches (the costly part), for the sampled held-out users.
     states = []
@@ -118,7 +125,7 @@ async def evaluate_impressions(dataset: Dataset, engine: SearchEngine, dense: De
         history = [sig.news_id for sig in states[i].signals if sig.news_id]
         content = content_vectors(dense, [states[i]], [cands], view.popularity)[0]
         features.append(candidate_features(lists, cands, view.popularity, view.now, categories=categories,
-                                           history=history, content=content))
+                                           history=history, content=content, queried=bool(queries.get(i))))
         per_imp.append({"i": i, "held_out": imp.ts > cutoff, "model": i in model_rows, "lists": lists,
                         "cands": cands, "clicked": set(imp.clicked), "cold": len(states[i].signals) < COLD_HISTORY})
 
@@ -151,30 +158,40 @@ async def evaluate_impressions(dataset: Dataset, engine: SearchEngine, dense: De
 
     for name, rows in per_variant.items():
         results[name] = _summary(rows, [r["cold"] for r in test])
-    model_effect = None
+    model_effect = learned_model_effect = None
     if method is not None and "hybrid - model" in per_variant:
-        idx = range(len(test))
-        a = [per_variant["hybrid"][j]["auc"] for j in idx]
-        b = [per_variant["hybrid - model"][j]["auc"] for j in idx]
-        pairs = [(x_, y_) for x_, y_ in zip(a, b, strict=True) if x_ is not None and y_ is not None]
-        if pairs:
-            mean, low, high = bootstrap_ci([p[0] for p in pairs], [p[1] for p in pairs], n=cfg.bootstrap,
-                                           seed=cfg.seed)
-            model_effect = {"metric": "auc", "impressions": len(pairs), "mean": mean, "ci95": [low, high],
-                            "method": method.name}
+        model_effect = _effect(per_variant["hybrid"], per_variant["hybrid - model"], cfg, method.name)
+    if method is not None and "learned - model" in per_variant and cfg.model_train_samples > 0:
+        learned_model_effect = _effect(per_variant["learned"], per_variant["learned - model"], cfg, method.name)
     return {
         "protocol": "impressions", "impressions": len(imps), "held_out": len(test), "train": len(train),
         "holdout_from": cutoff.isoformat(), "channels": channels, "weights": rc.weights,
         "model": method.name if method else None, "model_impressions": len(model_rows),
-        "results": results, "model_effect": model_effect,
+        "model_train_impressions": sum(1 for r in train if r["model"]),
+        "results": results, "model_effect": model_effect, "learned_model_effect": learned_model_effect,
         "timings": {"total_s": round(time.perf_counter() - started, 1), "model_s": round(model_s, 1)},
     }
 
 
+def _effect(with_: Sequence[dict[str, float | None]], without: Sequence[dict[str, float | None]],
+            cfg: ImpressionConfig, method: str) -> dict[str, Any] | None:
+    """The paired AUC difference of two variants over the same impressions, with its
+    bootstrap interval (None when no impression has both)."""
+    pairs = [(a["auc"], b["auc"]) for a, b in zip(with_, without, strict=True)
+             if a["auc"] is not None and b["auc"] is not None]
+    if not pairs:
+        return None
+    mean, low, high = bootstrap_ci([p[0] for p in pairs], [p[1] for p in pairs], n=cfg.bootstrap, seed=cfg.seed)
+    return {"metric": "auc", "impressions": len(pairs), "mean": mean, "ci95": [low, high], "method": method}
+
+
 def _learned_order(ranker: LearnedRanker, r: dict[str, Any], x: np.ndarray, drop: str | None) -> list[FusedItem]:
-    """Order by the ranker with ``drop``'s feature columns zeroed (as if that channel found nothing)."""
+    """Order by the ranker with ``drop``'s feature columns zeroed (as if that channel found
+    nothing; the model's are made missing, as if it wrote no queries)."""
     x = x.copy()
-    if drop is not None:
+    if drop == "model":
+        x[:, [FEATURES.index("model_score"), FEATURES.index("model_rr")]] = np.nan
+    elif drop is not None:
         cols = [j for j, f in enumerate(FEATURES) if f.startswith(f"{drop}_")]
         if drop == "trending":  # its counts too: as if nothing had been seen
             cols += [FEATURES.index("clicks_log"), FEATURES.index("shows_log"), FEATURES.index("trend_sim")]
@@ -205,9 +222,10 @@ def format_impressions_markdown(report: dict[str, Any]) -> str:
     for name, r in report["results"].items():
         cells = [f"{r[m]:.4f}" if r[m] is not None else "—" for m in (*METRICS, "cold_auc")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    effect = report.get("model_effect")
-    if effect:
-        lines += ["", f"model channel effect on AUC (hybrid minus hybrid without it, {effect['impressions']} "
-                      f"impressions, {effect['method']}): {effect['mean']:+.4f} "
-                      f"[{effect['ci95'][0]:+.4f}, {effect['ci95'][1]:+.4f}] 95% bootstrap CI"]
+    for key, what in [("model_effect", "hybrid"), ("learned_model_effect", "learned fusion")]:
+        effect = report.get(key)
+        if effect:
+            lines += ["", f"model channel effect on AUC ({what} minus {what} without it, {effect['impressions']} "
+                          f"impressions, {effect['method']}): {effect['mean']:+.4f} "
+                          f"[{effect['ci95'][0]:+.4f}, {effect['ci95'][1]:+.4f}] 95% bootstrap CI"]
     return "\n".join(lines)

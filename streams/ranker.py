@@ -63,12 +63,17 @@ def clicked_centroid(vectors: np.ndarray, clicks: Sequence[float]) -> np.ndarray
 def candidate_features(lists: Mapping[str, Sequence[FusedItem]], candidates: Sequence[str],
                        popularity: Mapping[str, Popularity], now: float, *,
                        categories: Mapping[str, tuple[str, str]] | None = None,
-                       history: Sequence[str] = (), content: ContentVectors | None = None) -> np.ndarray:
+                       history: Sequence[str] = (), content: ContentVectors | None = None,
+                       queried: bool = True) -> np.ndarray:
     """(len(candidates), len(FEATURES)) float32: each channel's score and reciprocal rank
     (0 where it did not rank the candidate), log clicks and shows, hours since first seen,
     the share of the user's ``history`` (news ids of their signals) in the candidate's
     category and subcategory (``categories``: news_id -> (category, subcategory)), and the
-    cosines of :data:`CONTENT_FEATURES` from ``content`` (0 without it). Pure."""
+    cosines of :data:`CONTENT_FEATURES` from ``content`` (0 without it). Pure.
+
+    ``queried`` False (the model wrote no queries for this user: not asked, failed, cold)
+    makes the model channel's columns NaN, LightGBM's missing value, so a ranker fitted on
+    impressions with and without model queries tells "not asked" from "found nothing"."""
     col = {name: j for j, name in enumerate(FEATURES)}
     row = {n: i for i, n in enumerate(candidates)}
     x = np.zeros((len(candidates), len(FEATURES)), np.float32)
@@ -91,6 +96,8 @@ def candidate_features(lists: Mapping[str, Sequence[FusedItem]], candidates: Seq
         x[i, col["clicks_log"]] = math.log1p(p.clicks) if p else 0.0
         x[i, col["shows_log"]] = math.log1p(p.shows) if p else 0.0
         x[i, col["age_h"]] = min(UNSEEN_AGE_H, max(0.0, (now - p.first_seen) / 3600)) if p else UNSEEN_AGE_H
+    if not queried:
+        x[:, [col["model_score"], col["model_rr"]]] = np.nan
     if content is not None:
         if len(content.candidates) != len(candidates):
             raise ValueError(f"{len(content.candidates)} candidate vectors for {len(candidates)} candidates")
@@ -115,9 +122,10 @@ class LearnedRanker:
 
         if sum(groups) != len(x) or len(x) != len(y):
             raise ValueError(f"{len(x)} rows, {len(y)} labels, groups summing to {sum(groups)}")
-        # Small trees: chosen on a validation day carved out of MIND's training days (README).
+        # Small trees, 100 rows a leaf: chosen on a validation day carved out of MIND's training
+        # days (README); fewer rows a leaf on a small training set, so it can still split.
         params = {"objective": "lambdarank", "metric": "ndcg", "ndcg_eval_at": [5, 10], "learning_rate": 0.05,
-                  "num_leaves": 7, "min_data_in_leaf": 100, "feature_fraction": 0.9, "bagging_fraction": 0.8,
+                  "num_leaves": 7, "min_data_in_leaf": min(100, max(5, len(x) // 50)), "feature_fraction": 0.9, "bagging_fraction": 0.8,
                   "bagging_freq": 1, "lambda_l2": 1.0, "seed": seed, "deterministic": True,
                   "num_threads": 2, "verbosity": -1}
         data = lgb.Dataset(x, label=y, group=list(groups), feature_name=list(FEATURES), free_raw_data=False)
@@ -129,13 +137,14 @@ class LearnedRanker:
     def order(self, lists: Mapping[str, Sequence[FusedItem]], candidates: Sequence[str],
               popularity: Mapping[str, Popularity], now: float, *,
               categories: Mapping[str, tuple[str, str]] | None = None,
-              history: Sequence[str] = (), content: ContentVectors | None = None) -> list[FusedItem]:
+              history: Sequence[str] = (), content: ContentVectors | None = None,
+              queried: bool = True) -> list[FusedItem]:
         """``candidates`` (distinct, in the order ``content`` has them) best first by the
         ranker, each with the channels and query that found it."""
         if len(set(candidates)) != len(candidates):
             raise ValueError("candidates must be distinct")
         scores = self.score(candidate_features(lists, candidates, popularity, now, categories=categories,
-                                               history=history, content=content))
+                                               history=history, content=content, queried=queried))
         found: dict[str, list[FusedItem]] = {}
         for channel, items in lists.items():
             for item in items:

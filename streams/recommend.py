@@ -323,5 +323,6 @@ async def rank(recall: Recall, states: Sequence[UserState], queries: Sequence[Se
     view = recall.trending or TrendingView()
     content = content_vectors(recall.dense, states, candidates, view.popularity)
     return [ranker.order(lists[u], candidates[u], view.popularity, view.now, categories=categories,
-                         history=[s.news_id for s in states[u].signals if s.news_id], content=content[u])
+                         history=[s.news_id for s in states[u].signals if s.news_id], content=content[u],
+                         queried=bool(queries[u]))
             for u in range(len(states))]

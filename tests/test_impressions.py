@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -91,6 +92,33 @@ async def test_protocol_reports_every_variant_on_the_held_out_day(impression_dat
     assert results["signals"]["auc"] > max(0.75, results["random"]["auc"] + 0.2)  # the searched story ranks high
     assert results["hybrid - signals"]["auc"] < results["hybrid"]["auc"]
     assert all(r["scored"] == 12 for r in results.values())
+
+
+async def test_the_learned_fusion_learns_the_model_channel_from_training_queries(impression_dataset: Path,
+                                                                               tmp_path: Path) -> None:
+    """With queries on the training days the ranker splits on the model's columns (here a
+    "model" that searches the user's signals, which find the clicked story) and its effect
+    inside the learned fusion gets an interval; without, the columns are missing in training
+    and the ranker ignores them."""
+    from evaluation.baselines import LexicalBaseline
+    from streams.ranker import FEATURES, LearnedRanker
+
+    ds = load_dataset(impression_dataset)
+    engine = EmbeddedEngine()
+    engine.upsert_sync(ds.news)
+    base = ImpressionConfig(progress=False, bootstrap=50, recommend=RecommendConfig().only("model", "trending"),
+                            model_samples=None)
+    model_cols = [FEATURES.index("model_score"), FEATURES.index("model_rr")]
+    taught = await evaluate_impressions(ds, engine, None, replace(base, model_train_samples=12,
+                                                                  save_ranker=tmp_path / "taught"), LexicalBaseline())
+    assert taught["model_train_impressions"] == 12 and taught["model_impressions"] == 24
+    assert taught["learned_model_effect"]["impressions"] == 12
+    assert LearnedRanker.load(tmp_path / "taught").booster.feature_importance()[model_cols].sum() > 0
+    blind = await evaluate_impressions(ds, engine, None, replace(base, save_ranker=tmp_path / "blind"),
+                                       LexicalBaseline())
+    assert blind["model_train_impressions"] == 0 and blind["learned_model_effect"] is None
+    assert LearnedRanker.load(tmp_path / "blind").booster.feature_importance()[model_cols].sum() == 0
+    assert blind["results"]["learned"] == blind["results"]["learned - model"]
 
 
 def test_eval_command_uses_the_impression_protocol(impression_dataset: Path, tmp_path: Path,
