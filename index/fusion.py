@@ -39,7 +39,8 @@ def rrf_fuse(queries: Sequence[str], results: Sequence[Sequence[Hit]], *, limit:
             scores[hit.news_id] = scores.get(hit.news_id, 0.0) + 1.0 / (k + rank + 1)
             if hit.news_id not in best or rank < best[hit.news_id][0]:
                 best[hit.news_id] = (rank, query, hit.title)
-    ranked = sorted(scores, key=lambda nid: (-scores[nid], best[nid][0], nid))[:limit]
+    # Ordered by the score as published (rounded): sums equal but for float noise tie.
+    ranked = sorted(scores, key=lambda nid: (-round(scores[nid], 6), best[nid][0], nid))[:limit]
     return [FusedItem(nid, best[nid][2], round(scores[nid], 6), best[nid][1]) for nid in ranked]
 
 
@@ -65,7 +66,9 @@ def fuse_channels(lists: Mapping[str, Sequence[FusedItem]], weights: Mapping[str
             rank += 1
             scores[item.news_id] = scores.get(item.news_id, 0.0) + contribution
             parts.setdefault(item.news_id, []).append((contribution, channel, item))
-    ranked = sorted(scores, key=lambda nid: (-scores[nid], nid))[:limit]
+    # Ordered by the score as published (rounded): 2/62 + 1/65 and 2/64 + 1/61 are equal
+    # but differ in the last float bits, and must tie (then break by news_id).
+    ranked = sorted(scores, key=lambda nid: (-round(scores[nid], 6), nid))[:limit]
     fused = []
     for nid in ranked:
         found = sorted(parts[nid], key=lambda p: (-p[0], p[1]))

@@ -57,6 +57,15 @@ def test_fusion_properties(raw: dict[str, list[str]], limit: int) -> None:
         assert set(f.channels) == {c for c, ids_ in raw.items() if f.news_id in ids_}
 
 
+def test_equal_sums_tie_despite_float_noise() -> None:
+    """a: 2/62 + 1/65, e: 2/64 + 1/61: equal, yet the float sums differ in the last bit (a
+    case hypothesis found); they tie and break by news_id, as published."""
+    lists = {"signals": items("signals", "b", "a", "c", "e"), "model": items("model", "b", "a", "d", "e"),
+             "dense": items("dense", "e", "c", "d", "f", "a")}
+    fused = fuse_channels(lists, dict.fromkeys(lists, 1.0), limit=2)
+    assert [f.news_id for f in fused] == ["a", "e"] and fused[0].score == fused[1].score
+
+
 def test_smoothed_ctr_prefers_evidence_over_small_samples() -> None:
     scores = trending_scores({"lucky": Popularity(1, 2, 0), "solid": Popularity(100, 500, 0),
                               "flop": Popularity(0, 300, 0)})
