@@ -189,16 +189,14 @@ def _learned_order(ranker: LearnedRanker, r: dict[str, Any], x: np.ndarray, drop
     """Order by the ranker with ``drop``'s feature columns zeroed (as if that channel found
     nothing; the model's are made missing, as if it wrote no queries)."""
     x = x.copy()
-    if drop == "model":
-        x[:, [FEATURES.index("model_score"), FEATURES.index("model_rr")]] = np.nan
-    elif drop is not None:
+    if drop is not None:
         cols = [j for j, f in enumerate(FEATURES) if f.startswith(f"{drop}_")]
         if drop == "trending":  # its counts too: as if nothing had been seen
             cols += [FEATURES.index("clicks_log"), FEATURES.index("shows_log"), FEATURES.index("trend_sim")]
             x[:, FEATURES.index("age_h")] = UNSEEN_AGE_H
         if drop == "dense":  # the content cosines too: as if there were no vectors
             cols += [FEATURES.index(f) for f in CONTENT_FEATURES]
-        x[:, cols] = 0.0
+        x[:, cols] = np.nan if drop == "model" else 0.0  # missing, as candidate_features(queried=False)
     scores = ranker.score(x)
     return [FusedItem(r["cands"][j], "", float(scores[j]), "") for j in sorted(range(len(scores)),
                                                                              key=lambda j: (-scores[j], j))]

@@ -125,7 +125,8 @@ class LearnedRanker:
         # Small trees, 100 rows a leaf: chosen on a validation day carved out of MIND's training
         # days (README); fewer rows a leaf on a small training set, so it can still split.
         params = {"objective": "lambdarank", "metric": "ndcg", "ndcg_eval_at": [5, 10], "learning_rate": 0.05,
-                  "num_leaves": 7, "min_data_in_leaf": min(100, max(5, len(x) // 50)), "feature_fraction": 0.9, "bagging_fraction": 0.8,
+                  "num_leaves": 7, "min_data_in_leaf": min(100, max(5, len(x) // 50)),
+                  "feature_fraction": 0.9, "bagging_fraction": 0.8,
                   "bagging_freq": 1, "lambda_l2": 1.0, "seed": seed, "deterministic": True,
                   "num_threads": 2, "verbosity": -1}
         data = lgb.Dataset(x, label=y, group=list(groups), feature_name=list(FEATURES), free_raw_data=False)
